@@ -1,0 +1,104 @@
+"""``asvd`` command line: ``asvd compress`` and ``asvd eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_METHOD = "whiten"
+DEFAULT_PARAM_RATIO = 0.9
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="folder, hub id or .gguf file (default: embedded SmolLM2-135M)")
+    parser.add_argument("--out", required=True, help="output folder (written atomically)")
+    parser.add_argument("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD)
+    parser.add_argument("--param-ratio", type=float, default=DEFAULT_PARAM_RATIO, help="kept/original parameters, in (0, 1]")
+    parser.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent (method asvd)")
+    parser.add_argument("--asvd-statistic", choices=["abs_mean", "abs_max"], default="abs_mean")
+    parser.add_argument("--ranks", default=None, help="JSON file with an explicit {module_name: rank} map")
+    parser.add_argument("--include-lm-head", action="store_true", help="also compress the LM head")
+    parser.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compressor import ASVDCompressor
+    from .config import ASVDConfig
+
+    ranks = None
+    if args.ranks:
+        with open(args.ranks, encoding="utf-8") as handle:
+            ranks = json.load(handle)
+    config = ASVDConfig(
+        method=args.method,
+        param_ratio=args.param_ratio,
+        ranks=ranks,
+        alpha=args.alpha,
+        asvd_statistic=args.asvd_statistic,
+        include_lm_head=args.include_lm_head,
+        calibration=args.calib,
+        calib_samples=args.calib_samples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+    )
+    compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    report = compressor.compress(config, save_dir=args.out)
+    print(report.summary())
+    print(f"saved to {args.out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import perplexity
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
+    result = perplexity(model, tokenizer, args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['ppl']:.3f} (seqlen {result['seqlen']}, {result['windows']} windows, {result['tokens']} tokens)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asvd", description="Activation-aware SVD compression of causal LMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress a model and save it")
+    add_compress_arguments(compress)
+    compress.set_defaults(run=run_compress)
+
+    evaluate = commands.add_parser("eval", help="WikiText-style perplexity of a model or compressed folder")
+    evaluate.add_argument("model", help="model folder, hub id, .gguf file, or 'default' for the embedded model")
+    evaluate.add_argument("--data", required=True, help="text file (e.g. wiki.test.raw) or hf:NAME[:CONFIG[:SPLIT]]")
+    evaluate.add_argument("--seqlen", type=int, default=512)
+    evaluate.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    evaluate.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=run_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model", None) == "default":
+        args.model = None
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"asvd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

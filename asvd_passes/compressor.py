@@ -1,0 +1,237 @@
+"""``ASVDCompressor``: the pipeline that ties the passes together (Optimum ``OptimumQuantizer`` style).
+
+model → graph (torch.export) → projections/groups → observed graph + calibration → statistics
+→ rank plan → scaled SVD factors → rewritten model → saved folder.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ASVDConfig
+from .data import calibration_windows
+from .decompose import ScaledSVD
+from .graph import (
+    InsertObserversPass,
+    RemoveObserversPass,
+    capture,
+    find_projections,
+    group_by_input,
+    output_projection_name,
+)
+from .hf_quantizer import ASVDQuantizationConfig
+from .modules import LowRankLinear, parameter_count, projection_weight, replace_module
+from .ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
+from .scaling import build_scaling
+from .serialization import atomic_directory, write_json
+
+REPORT_FILE = "asvd_report.json"
+
+
+class NoProjectionsError(ValueError):
+    """The model has no linear projection that could be compressed."""
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    ranks: dict[str, int | None]
+    selected_ratio: float  # kept / original weights of the selected projections
+    model_ratio: float  # parameters after / before, whole model
+    selected_params_before: int
+    selected_params_after: int
+    model_params_before: int
+    model_params_after: int
+    calibration_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        factored = sum(r is not None for r in self.ranks.values())
+        return (
+            f"{factored}/{len(self.ranks)} projections factored; ratio {self.selected_ratio:.4f} of selected "
+            f"projections, {self.model_ratio:.4f} of the whole model; "
+            f"compression {self.seconds.get('compress', 0):.1f} s, peak RSS {self.peak_rss_mib:.0f} MiB"
+        )
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _model_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
+
+
+class ASVDCompressor(OptimumQuantizer):
+    """Compress a transformers causal LM with (activation-aware) SVD.
+
+    >>> compressor = ASVDCompressor.from_pretrained("path/or/hub-id")
+    >>> report = compressor.compress(ASVDConfig(method="whiten", param_ratio=0.9), save_dir="out")
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, model_or_path=None, file_name: str | None = None, dtype=torch.float32):
+        """``model_or_path``: a model object, a folder, a hub id, a ``.gguf`` file, or ``None`` (embedded)."""
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path)
+        from .models import load_model_and_tokenizer
+
+        source = model_or_path
+        if file_name is not None:
+            source = str(Path(model_or_path) / file_name)
+        model, tokenizer = load_model_and_tokenizer(source, dtype=dtype)
+        return cls(model, tokenizer)
+
+    def quantize(self, save_dir, file_prefix=None, **kwargs):
+        """Optimum's entry point: same as :meth:`compress`."""
+        return self.compress(save_dir=save_dir, **kwargs)
+
+    def compress(
+        self,
+        config: ASVDConfig | None = None,
+        calibration: str | torch.Tensor | None = None,
+        save_dir: str | Path | None = None,
+        filter_fn: Callable[[str, nn.Module], bool] | None = None,
+        progress: bool = True,
+    ) -> CompressionReport:
+        """Compress ``self.model`` in place; write ``save_dir`` (atomically) when given.
+
+        ``calibration`` overrides ``config.calibration``: a source string or a ready (n, seqlen) tensor
+        of token ids. ``filter_fn(name, module)`` narrows which projections are compressed.
+        """
+        config = config or ASVDConfig()
+        config.validate()
+        model = self.model.eval()
+        start = time.perf_counter()
+        seconds: dict[str, float] = {}
+
+        windows = self._calibration(config, calibration)
+        seconds["calibration_data"] = time.perf_counter() - start
+
+        tick = time.perf_counter()
+        graph_module = capture(model, windows[:1].to(model.device))
+        projections = self._select(find_projections(graph_module, model), config, filter_fn)
+        groups = group_by_input(projections)
+        seconds["trace"] = time.perf_counter() - tick
+
+        statistics = {}
+        if config.statistics:
+            tick = time.perf_counter()
+            observe = InsertObserversPass(groups, config.statistics)
+            graph_module = observe(graph_module).graph_module
+            with torch.no_grad():
+                for row in tqdm(windows, desc="calibrate", disable=not progress):
+                    graph_module(input_ids=row[None].to(model.device), use_cache=False)
+            RemoveObserversPass()(graph_module)
+            statistics = observe.observers
+            seconds["calibrate"] = time.perf_counter() - tick
+
+        shapes = {
+            p.name: ProjectionShape(p.out_features, p.in_features) for p in projections
+        }
+        plan = self._plan(shapes, config)
+
+        tick = time.perf_counter()
+        model_params_before = _model_params(model)
+        replacements = {}
+        for name, rank in tqdm(plan.factored.items(), desc="decompose", disable=not progress):
+            dense = model.get_submodule(name)
+            weight = projection_weight(dense)
+            scaling = build_scaling(config.method, statistics.get(name), config.alpha, config.asvd_statistic)
+            down, up = ScaledSVD.of(weight, scaling).factors(rank)
+            bias = getattr(dense, "bias", None)
+            replacements[name] = LowRankLinear.from_factors(down, up, bias, dtype=weight.dtype, device=weight.device)
+        for name, module in replacements.items():
+            replace_module(model, name, module)
+        seconds["decompose"] = time.perf_counter() - tick
+        seconds["compress"] = time.perf_counter() - start
+
+        model.config.quantization_config = ASVDQuantizationConfig(
+            ranks=plan.factored,
+            method=config.method,
+            param_ratio=config.param_ratio,
+            alpha=config.alpha,
+            asvd_statistic=config.asvd_statistic,
+            calibration=config.calibration if isinstance(calibration, (str, type(None))) else "tensor",
+            calib_samples=int(windows.shape[0]),
+            seqlen=int(windows.shape[1]),
+            seed=config.seed,
+        )
+        report = CompressionReport(
+            method=config.method,
+            ranks=dict(plan.ranks),
+            selected_ratio=plan.ratio,
+            model_ratio=_model_params(model) / model_params_before,
+            selected_params_before=plan.original_params,
+            selected_params_after=plan.total_kept_params,
+            model_params_before=model_params_before,
+            model_params_after=_model_params(model),
+            calibration_tokens=int(windows.numel()),
+            seconds=seconds,
+            peak_rss_mib=_peak_rss_mib(),
+        )
+        if save_dir is not None:
+            self.save(save_dir, config, report)
+        return report
+
+    def save(self, save_dir, config: ASVDConfig, report: CompressionReport) -> None:
+        with atomic_directory(save_dir) as staging:
+            self.model.save_pretrained(staging)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            config.save_pretrained(staging)
+            write_json(Path(staging) / REPORT_FILE, report.to_dict())
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _calibration(self, config: ASVDConfig, calibration) -> torch.Tensor:
+        if isinstance(calibration, torch.Tensor):
+            if calibration.dim() != 2 or calibration.shape[1] < 2:
+                raise ValueError("calibration tensor must be (samples, seqlen) token ids")
+            return calibration.long().cpu()
+        source = calibration if calibration is not None else config.calibration
+        if source not in (None, "selfgen") or config.statistics:
+            if self.tokenizer is None:
+                raise ValueError("calibration from text needs a tokenizer: use from_pretrained or pass token ids")
+        if self.tokenizer is None:
+            # Plain SVD needs no statistics; a tracing example of random ids is enough.
+            generator = torch.Generator().manual_seed(config.seed)
+            return torch.randint(0, self.model.config.vocab_size, (1, config.seqlen), generator=generator)
+        return calibration_windows(source, self.model, self.tokenizer, config.calib_samples, config.seqlen, config.seed)
+
+    def _select(self, projections, config: ASVDConfig, filter_fn):
+        if not projections:
+            raise NoProjectionsError(f"{type(self.model).__name__} has no linear projections to compress")
+        head = output_projection_name(self.model)
+        selected = [
+            p
+            for p in projections
+            if (config.include_lm_head or p.name != head)
+            and (filter_fn is None or filter_fn(p.name, self.model.get_submodule(p.name)))
+        ]
+        if not selected:
+            raise NoProjectionsError("No projection is left to compress after the filters")
+        return selected
+
+    def _plan(self, shapes: dict[str, ProjectionShape], config: ASVDConfig) -> RankPlan:
+        base = uniform_ratio_plan(shapes, config.param_ratio) if config.param_ratio is not None else None
+        if config.ranks:
+            return explicit_plan(shapes, config.ranks, base)
+        return base

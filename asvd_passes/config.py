@@ -1,0 +1,79 @@
+"""``ASVDConfig``: every knob of one compression run, saved as JSON beside the model."""
+
+from __future__ import annotations
+
+from optimum.configuration_utils import BaseConfig
+
+METHODS = ("svd", "asvd", "whiten")
+ASVD_STATISTICS = ("abs_mean", "abs_max")
+
+
+class ASVDConfig(BaseConfig):
+    """Configuration of an ASVD compression run (Optimum ``BaseConfig``: JSON save/load).
+
+    Args:
+        method: ``svd`` (S = I), ``asvd`` (S = diag(stat|x|^alpha)) or ``whiten`` (S = chol(XᵀX)).
+        param_ratio: kept / original parameters of the selected projections, in (0, 1].
+        ranks: explicit ``{module_name: rank}``; overrides ``param_ratio`` for the names it lists.
+        alpha: ASVD exponent on the activation statistic.
+        asvd_statistic: ``abs_mean`` (the paper) or ``abs_max`` for the ``asvd`` method.
+        include_lm_head: also compress the output projection (excluded by default).
+        calibration: ``None``/``"selfgen"``, a text file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
+        calib_samples, seqlen, seed: calibration set shape and seed.
+    """
+
+    CONFIG_NAME = "asvd_config.json"
+    FULL_CONFIGURATION_FILE = "asvd_config.json"
+
+    def __init__(
+        self,
+        method: str = "whiten",
+        param_ratio: float | None = 0.9,
+        ranks: dict[str, int] | None = None,
+        alpha: float = 0.5,
+        asvd_statistic: str = "abs_mean",
+        include_lm_head: bool = False,
+        calibration: str | None = None,
+        calib_samples: int = 16,
+        seqlen: int = 512,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.method = method
+        self.param_ratio = param_ratio
+        self.ranks = dict(ranks) if ranks else None
+        self.alpha = alpha
+        self.asvd_statistic = asvd_statistic
+        self.include_lm_head = include_lm_head
+        self.calibration = calibration
+        self.calib_samples = calib_samples
+        self.seqlen = seqlen
+        self.seed = seed
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.asvd_statistic not in ASVD_STATISTICS:
+            raise ValueError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
+        if self.param_ratio is None and not self.ranks:
+            raise ValueError("Give a param_ratio in (0, 1] or an explicit ranks map")
+        if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
+            raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.calib_samples < 1 or self.seqlen < 2:
+            raise ValueError("calib_samples must be >= 1 and seqlen >= 2")
+        for name, rank in (self.ranks or {}).items():
+            if not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"rank for {name!r} must be a positive integer, got {rank!r}")
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        """Which observer statistics this configuration needs."""
+        if self.method == "whiten":
+            return ("gram",)
+        if self.method == "asvd":
+            return (self.asvd_statistic,)
+        return ()

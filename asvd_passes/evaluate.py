@@ -1,0 +1,33 @@
+"""Perplexity with the protocol of ``shared/data/README.md``: non-overlapping windows, mean token NLL."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import read_text, tokenize
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, source: str, seqlen: int = 512, windows: int | None = None, progress=True) -> dict:
+    """``{"ppl", "seqlen", "windows", "tokens"}`` over the first ``windows`` windows of ``source``."""
+    tokens = tokenize(tokenizer, read_text(source))
+    available = tokens.numel() // seqlen
+    if available < 1:
+        raise ValueError(f"{source} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    count = available if windows is None else min(windows, available)
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(count), desc="evaluate", disable=not progress):
+        window = tokens[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(input_ids=window, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += seqlen - 1
+    if not math.isfinite(total_nll):
+        raise ValueError("perplexity is not finite: the model produced NaN/Inf logits")
+    return {"ppl": math.exp(total_nll / total_tokens), "seqlen": seqlen, "windows": count, "tokens": total_tokens}

@@ -1,0 +1,59 @@
+"""Observer modules: inserted into the traced graph, they accumulate statistics of one input tensor."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STATISTICS = ("abs_mean", "abs_max", "gram")
+
+
+class NonFiniteActivationError(ValueError):
+    """Calibration produced NaN or Inf in a projection input."""
+
+
+class InputStatistics(nn.Module):
+    """Per-channel statistics of the tensor feeding one group of projections.
+
+    * ``abs_sum`` / ``count``: mean |x| per channel (ASVD's scale),
+    * ``abs_max``: max |x| per channel,
+    * ``gram``: XᵀX over all tokens (SVD-LLM's whitening), accumulated in float64.
+
+    The forward pass returns nothing: the node it is called from has no users, so the observed
+    graph computes exactly what the original graph did.
+    """
+
+    def __init__(self, features: int, statistics: tuple[str, ...], consumers: tuple[str, ...]):
+        super().__init__()
+        unknown = set(statistics) - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"Unknown statistics {sorted(unknown)}")
+        self.features = features
+        self.statistics = tuple(statistics)
+        self.consumers = tuple(consumers)
+        self.count = 0
+        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.abs_max = torch.zeros(features, dtype=torch.float32)
+        self.gram = torch.zeros(features, features, dtype=torch.float64) if "gram" in statistics else None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if not torch.isfinite(flat).all():
+            raise NonFiniteActivationError(
+                f"NaN or Inf activations reach {', '.join(self.consumers)}; "
+                "check the model weights, dtype (fp16 overflow?) and calibration text"
+            )
+        self.count += flat.shape[0]
+        if "abs_mean" in self.statistics or "abs_max" in self.statistics:
+            magnitude = flat.abs()
+            self.abs_sum += magnitude.sum(0, dtype=torch.float64).cpu()
+            self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0).float().cpu())
+        if self.gram is not None:
+            wide = flat.double()
+            self.gram += (wide.T @ wide).cpu()
+
+    def abs_mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError(f"No calibration data reached {', '.join(self.consumers)}")
+        return self.abs_sum / self.count

@@ -1,0 +1,121 @@
+"""Transformers integration: ``from_pretrained`` rebuilds ASVD-factored models with no remote code.
+
+A compressed folder's ``config.json`` carries ``quantization_config = {"quant_method": "asvd",
+"ranks": {...}}``. Importing :mod:`asvd_passes` registers :class:`ASVDHfQuantizer` for that method;
+before the weights load it swaps every listed projection for an empty ``LowRankLinear`` of the
+saved rank, after checking the safetensors headers hold exactly the factor tensors it needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .modules import projection_shape, replace_with_empty_lowrank
+
+QUANT_METHOD = "asvd"
+
+
+class CorruptCompressedModelError(ValueError):
+    """A saved ASVD folder whose factor weights are missing or do not match its config."""
+
+
+class ASVDQuantizationConfig(QuantizationConfigMixin):
+    """What ``config.json`` records of an ASVD compression: the ranks, and how they were made."""
+
+    def __init__(self, ranks: dict[str, int] | None = None, method: str | None = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.ranks = {name: int(rank) for name, rank in (ranks or {}).items()}
+        self.method = method
+        for key, value in kwargs.items():  # provenance: ratio, alpha, calibration, seed...
+            setattr(self, key, value)
+        self.quant_method = QUANT_METHOD
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+class ASVDHfQuantizer(HfQuantizer):
+    """Loads folders written by ``ASVDCompressor``; it never compresses on the fly."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        ranks = self.quantization_config.ranks
+        if checkpoint_files:
+            check_checkpoint(model, ranks, checkpoint_files)
+        replace_with_empty_lowrank(model, ranks)
+        return model
+
+    def is_serializable(self, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def expected_factor_shapes(model, ranks: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name, rank in ranks.items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError as err:
+            raise CorruptCompressedModelError(f"ASVD config names {name!r}, which this model does not have") from err
+        out_features, in_features = projection_shape(dense)
+        shapes[f"{name}.down.weight"] = (rank, in_features)
+        shapes[f"{name}.up.weight"] = (out_features, rank)
+        if getattr(dense, "bias", None) is not None:
+            shapes[f"{name}.up.bias"] = (out_features,)
+    return shapes
+
+
+def check_checkpoint(model, ranks: dict[str, int], checkpoint_files) -> None:
+    """Raise :class:`CorruptCompressedModelError` unless the files hold every factor, at its shape."""
+    from safetensors import safe_open
+
+    stored: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files:
+        if not str(file).endswith(".safetensors"):
+            raise CorruptCompressedModelError(f"{file}: ASVD models load from safetensors only (no pickle)")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    stored[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            raise CorruptCompressedModelError(f"{file} is not a readable safetensors file: {err}") from err
+    folder = Path(checkpoint_files[0]).parent
+    expected = expected_factor_shapes(model, ranks)
+    missing = sorted(key for key in expected if key not in stored)
+    wrong = sorted(
+        f"{key}: saved {stored[key]}, config says {shape}"
+        for key, shape in expected.items()
+        if key in stored and stored[key] != shape
+    )
+    if missing or wrong:
+        details = (["missing: " + ", ".join(missing[:5])] if missing else []) + (
+            ["mismatched: " + "; ".join(wrong[:5])] if wrong else []
+        )
+        raise CorruptCompressedModelError(
+            f"Compressed model at {folder} does not match its ASVD config ({len(missing)} factor tensors missing, "
+            f"{len(wrong)} of the wrong shape): " + " | ".join(details)
+        )
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(ASVDQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(ASVDHfQuantizer)
+
+
+register()

@@ -1,0 +1,26 @@
+"""Registers ``optimum-cli asvd compress`` (optimum's command-plugin namespace; keep imports lazy)."""
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+
+class ASVDCompressCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="compress", help="ASVD-compress a causal LM (same as `asvd compress`)")
+
+    @staticmethod
+    def parse_args(parser):
+        from asvd_passes.cli import add_compress_arguments
+
+        add_compress_arguments(parser)
+
+    def run(self):
+        from asvd_passes.cli import run_compress
+
+        return run_compress(self.args)
+
+
+class ASVDCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="asvd", help="asvd-passes: activation-aware SVD compression")
+    SUBCOMMANDS = (CommandInfo(name="compress", help=ASVDCompressCommand.COMMAND.help, subcommand_class=ASVDCompressCommand),)
+
+
+REGISTER_COMMANDS = [ASVDCommand]  # no parent: `optimum-cli asvd ...`
