@@ -75,6 +75,19 @@ def _model_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # .parameters() counts tied weights once
 
 
+def _untie_output_embeddings(model: nn.Module) -> None:
+    """A factored LM head no longer shares the input embedding's weight: record the model as untied.
+
+    Otherwise ``from_pretrained`` would try to tie ``lm_head.weight``, which is no longer a parameter.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    config.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers' cached tying map
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+
+
 class ASVDCompressor(OptimumQuantizer):
     """Compress a transformers causal LM with (activation-aware) SVD.
 
@@ -119,6 +132,8 @@ class ASVDCompressor(OptimumQuantizer):
         config = config or ASVDConfig()
         config.validate()
         model = self.model.eval()
+        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+            raise ValueError("This model is already ASVD-compressed; compress the original model instead")
         start = time.perf_counter()
         seconds: dict[str, float] = {}
 
@@ -160,6 +175,8 @@ class ASVDCompressor(OptimumQuantizer):
             replacements[name] = LowRankLinear.from_factors(down, up, bias, dtype=weight.dtype, device=weight.device)
         for name, module in replacements.items():
             replace_module(model, name, module)
+        if output_projection_name(model) in replacements:
+            _untie_output_embeddings(model)
         seconds["decompose"] = time.perf_counter() - tick
         seconds["compress"] = time.perf_counter() - start
 

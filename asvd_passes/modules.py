@@ -31,6 +31,17 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out × in) matrix ``up.weight @ down.weight``, computed on each access.
+
+        Read-only, for code that inspects a projection's ``.weight`` in place of the dense module
+        it replaced: e.g. transformers' GPT-2 ``_init_weights`` reads ``attn.c_proj.weight`` while
+        ``from_pretrained`` loads a compressed folder. Writing into the returned tensor changes nothing.
+        """
+        with torch.no_grad():
+            return self.up.weight @ self.down.weight
+
     @classmethod
     def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, dtype, device):
         """Build from ``down`` (rank × in) and ``up`` (out × rank) weight matrices."""

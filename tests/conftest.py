@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny random-weight causal LMs (fp32, eval mode, seeded) of seven families.
+
+Each model has 2 decoder layers, hidden size 32, MLP width 64 and a 128-token vocabulary, so a
+whole capture → calibrate → decompose → save round trip takes well under a second on a CPU.
+The Llama-like families use grouped-query attention (2 KV heads for 4 query heads); GPT-2 has
+``Conv1D`` projections with a fused ``c_attn``; Phi-3 fuses ``qkv_proj`` and ``gate_up_proj``;
+OPT has biases and learned positions. Llama, Qwen3, OPT and GPT-2 tie the LM head to the input
+embedding, Mistral, Qwen2 and Phi-3 do not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "phi3")
+VOCAB = 128
+PAD, BOS, EOS = 0, 1, 2
+TIED = {"llama": True, "mistral": False, "qwen2": False, "qwen3": True, "phi3": False}
+
+
+def tiny_config(family: str):
+    """A 2-layer config of ``family`` with random-init-friendly sizes."""
+    from transformers import AutoConfig
+
+    special = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    if family in TIED:
+        kwargs = dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=TIED[family],
+            **special,
+        )
+        if family == "qwen3":
+            kwargs["head_dim"] = 8
+        return AutoConfig.for_model(family, **kwargs)
+    if family == "opt":
+        return AutoConfig.for_model(
+            "opt",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            word_embed_proj_dim=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **special,
+        )
+    if family == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", vocab_size=VOCAB, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=128, **special
+        )
+    raise ValueError(f"no tiny config for {family!r}")
+
+
+def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh eval-mode model of ``family``; the same seed gives bit-identical weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def token_batch(samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Seeded token ids in [3, VOCAB): never a pad/BOS/EOS token."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (samples, seqlen), generator=generator)
+
+
+def linear_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (in_features, out_features)}`` of every ``nn.Linear`` / transformers ``Conv1D``, by walking modules."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            found[name] = (module.weight.shape[0], module.nf)  # Conv1D stores its weight in × out
+    return found
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(family, seed=0, dtype=torch.float32)`` → new eval-mode model.
+
+    Tests that use it run on one CPU thread: tiny models gain nothing from intra-op threads, and
+    on a busy 2-core machine OpenMP's spinning workers make them several times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield make_tiny_model
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tokens():
+    """Factory: ``tokens(samples, seqlen, seed=0)`` → (samples, seqlen) token ids."""
+    return token_batch
+
+
+@pytest.fixture
+def projections_of():
+    """Factory: ``projections_of(model)`` → ``{name: (in, out)}`` of its Linear/Conv1D modules."""
+    return linear_projections

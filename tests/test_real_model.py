@@ -1,0 +1,94 @@
+"""End to end on the real SmolLM2-135M (CPU): compress → save → load → evaluate, via the CLI.
+
+These read WikiText-2 from ``../shared/data`` (never copied into the repo). Windows and
+calibration sizes follow the issue's protocol where a bar is asserted; see README for timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(os.environ.get("ASVD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "wikitext-2"
+TEST_SPLIT = DATA / "wiki.test.raw"
+VALID_SPLIT = DATA / "wiki.valid.tokens"
+DENSE_PPL = 28.30  # shared/data/README.md: fp32, CPU, 30 windows of 512 tokens
+
+pytestmark = pytest.mark.real_model
+
+
+def _require_data():
+    if not TEST_SPLIT.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"WikiText-2 data missing at {DATA}")
+        pytest.skip(f"WikiText-2 data not found at {DATA}")
+
+
+def asvd(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def eval_json(model: str, windows: int) -> dict:
+    out = asvd("eval", model, "--data", str(TEST_SPLIT), "--seqlen", "512", "--windows", str(windows), "--json")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_dense_perplexity_matches_reference():
+    _require_data()
+    result = eval_json("default", 30)
+    assert result["seqlen"] == 512 and result["windows"] == 30
+    assert abs(result["ppl"] - DENSE_PPL) / DENSE_PPL < 0.01, result
+
+
+def test_whiten_095_compress_save_load_eval(tmp_path):
+    """The issue's floor: uniform whitening at ratio 0.95 stays under perplexity 70."""
+    _require_data()
+    out = tmp_path / "smollm2-whiten-095"
+    asvd(
+        "compress", "--out", str(out), "--method", "whiten", "--param-ratio", "0.95",
+        "--calib", str(VALID_SPLIT), "--calib-samples", "16", "--seqlen", "512", "--seed", "0",
+    )
+    report = json.loads((out / "asvd_report.json").read_text())
+    assert 0.94 < report["selected_ratio"] <= 0.95
+    assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
+    result = eval_json(str(out), 30)
+    assert result["ppl"] <= 70.0, result
+
+    # The saved folder rebuilds the factored modules with plain transformers and gives the same logits.
+    import asvd_passes  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    first = AutoModelForCausalLM.from_pretrained(out)
+    second = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(first.model.layers[0].self_attn.q_proj, asvd_passes.LowRankLinear)
+    ids = torch.arange(100, 164)[None]
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+
+
+def test_full_rank_rewrite_keeps_dense_perplexity():
+    """Every projection factored at rank min(in, out): perplexity within 0.1% of dense."""
+    _require_data()
+    from asvd_passes import ASVDCompressor, ASVDConfig, perplexity
+
+    compressor = ASVDCompressor.from_pretrained(None)
+    dense = perplexity(compressor.model, compressor.tokenizer, str(TEST_SPLIT), 512, 10, progress=False)
+    shapes = {
+        name: min(m.in_features, m.out_features)
+        for name, m in compressor.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    }
+    config = ASVDConfig(method="whiten", param_ratio=None, ranks=shapes, calibration=str(VALID_SPLIT), calib_samples=4, seqlen=512)
+    compressor.compress(config, progress=False)
+    full = perplexity(compressor.model, compressor.tokenizer, str(TEST_SPLIT), 512, 10, progress=False)
+    assert abs(full["ppl"] - dense["ppl"]) / dense["ppl"] < 1e-3, (dense, full)

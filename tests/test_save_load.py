@@ -1,0 +1,203 @@
+"""Saved folders: safetensors only, reload through ``from_pretrained``, corruption checks, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import asvd_passes as ap
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def compress(model, calibration, save_dir, filter_fn=None, **config):
+    config.setdefault("method", "whiten")
+    config.setdefault("param_ratio", 0.6)
+    return ap.ASVDCompressor(model).compress(
+        ap.ASVDConfig(**config), calibration=calibration, save_dir=save_dir, filter_fn=filter_fn, progress=False
+    )
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging or backup folders the atomic writer may have left beside its target."""
+    return sorted(p.name for p in parent.iterdir() if ".partial" in p.name or ".old-" in p.name)
+
+
+def load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_round_trip_identical_logits(family, tiny_model, tokens, tmp_path):
+    model = tiny_model(family)
+    out = tmp_path / "out"
+    report = compress(model, tokens(4, 32), out)
+    ids = tokens(2, 16, seed=1)
+    reloaded = load(out)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+    factored = {name: rank for name, rank in report.ranks.items() if rank is not None}
+    assert factored
+    lowrank = {name: m for name, m in reloaded.named_modules() if isinstance(m, ap.LowRankLinear)}
+    assert {name: m.rank for name, m in lowrank.items()} == factored
+    for name, module in lowrank.items():  # bit-identical factors
+        original = model.get_submodule(name)
+        assert torch.equal(module.down.weight, original.down.weight)
+        assert torch.equal(module.up.weight, original.up.weight)
+
+    files = sorted(p.name for p in out.iterdir())
+    assert not [f for f in files if f.endswith(PICKLE_SUFFIXES)], files
+    assert [f for f in files if f.endswith(".safetensors")], files
+    assert {"config.json", "asvd_config.json", ap.compressor.REPORT_FILE} <= set(files)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "asvd"
+    assert config["quantization_config"]["ranks"] == factored
+    saved_report = json.loads((out / ap.compressor.REPORT_FILE).read_text())
+    assert saved_report["ranks"] == report.ranks
+    assert ap.ASVDConfig.from_pretrained(out).method == "whiten"
+    assert leftovers(tmp_path) == []
+    # An LM head left dense keeps its tie to the input embedding.
+    tied = model.config.tie_word_embeddings
+    assert reloaded.config.tie_word_embeddings == tied
+    assert (reloaded.lm_head.weight is reloaded.get_input_embeddings().weight) == tied
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])  # tied, tied, untied LM head
+def test_round_trip_with_lm_head(family, tiny_model, tokens, tmp_path):
+    model = tiny_model(family)
+    out = tmp_path / "out"
+    report = compress(model, tokens(4, 32), out, include_lm_head=True)
+    assert report.ranks["lm_head"] is not None
+    ids = tokens(2, 16, seed=1)
+    assert model.config.tie_word_embeddings is False  # a factored head cannot share the embedding's weight
+    reloaded = load(out)
+    assert reloaded.config.tie_word_embeddings is False
+    assert isinstance(reloaded.lm_head, ap.LowRankLinear)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    # The input embedding survives the (un)tying intact.
+    assert torch.equal(reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+@pytest.fixture
+def saved(tiny_model, tokens, tmp_path):
+    """A compressed Qwen2 folder (with biases on q/k/v) and its safetensors state dict."""
+    out = tmp_path / "saved"
+    report = compress(tiny_model("qwen2"), tokens(4, 32), out)
+    files = list(out.glob("*.safetensors"))
+    assert len(files) == 1
+    return out, files[0], load_file(files[0]), report
+
+
+def test_missing_factor_raises(saved):
+    out, file, tensors, _ = saved
+    key = "model.layers.1.self_attn.k_proj.up.weight"
+    assert key in tensors
+    del tensors[key]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ap.CorruptCompressedModelError, match=r"missing: .*" + key.replace(".", r"\.")):
+        load(out)
+
+
+def test_missing_bias_raises(saved):
+    out, file, tensors, _ = saved
+    key = "model.layers.0.self_attn.q_proj.up.bias"
+    assert key in tensors
+    del tensors[key]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ap.CorruptCompressedModelError, match=key.replace(".", r"\.")):
+        load(out)
+
+
+def test_wrong_factor_shape_raises(saved):
+    out, file, tensors, report = saved
+    name = "model.layers.0.mlp.down_proj"
+    rank = report.ranks[name]
+    key = f"{name}.down.weight"
+    assert tensors[key].shape == (rank, 64)
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ap.CorruptCompressedModelError, match=rf"mismatched: {key.replace('.', '[.]')}: saved \({rank - 1}, 64\)"):
+        load(out)
+
+
+def test_pickle_checkpoint_refused(saved):
+    out, file, tensors, _ = saved
+    file.unlink()
+    torch.save(tensors, out / "pytorch_model.bin")
+    with pytest.raises(ap.CorruptCompressedModelError, match=r"pytorch_model\.bin: .*safetensors only"):
+        load(out)
+
+
+def test_failing_filter_leaves_no_folder(tiny_model, tokens, tmp_path):
+    out = tmp_path / "out"
+
+    def explode(name, module):
+        raise RuntimeError("filter failed")
+
+    with pytest.raises(RuntimeError, match="filter failed"):
+        compress(tiny_model("llama"), tokens(2, 16), out, filter_fn=explode)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_failing_save_leaves_no_folder(tiny_model, tokens, tmp_path, monkeypatch):
+    model = tiny_model("gpt2")
+    out = tmp_path / "out"
+    real_save = model.save_pretrained
+
+    def save_then_fail(folder, *args, **kwargs):
+        real_save(folder, *args, **kwargs)  # half-written folder: weights there, the rest missing
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        compress(model, tokens(2, 16), out)
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_existing_folder_replaced(tiny_model, tokens, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old run")
+    (out / "model.safetensors").write_bytes(b"not a model")
+    model = tiny_model("opt")
+    compress(model, tokens(4, 32), out)
+    assert not (out / "stale.txt").exists()
+    assert leftovers(tmp_path) == []
+    ids = tokens(1, 8)
+    assert torch.equal(logits(load(out), ids), logits(model, ids))
+
+
+def test_existing_folder_kept_when_save_fails(tiny_model, tokens, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("previous run")
+    model = tiny_model("phi3")
+
+    def fail(folder, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        compress(model, tokens(2, 16), out)
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_save_dir_that_is_a_file(tiny_model, tokens, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("a file")
+    with pytest.raises(FileExistsError):
+        compress(tiny_model("llama"), tokens(2, 16), target)
+    assert target.read_text() == "a file"
+    assert leftovers(tmp_path) == []
