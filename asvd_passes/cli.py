@@ -7,6 +7,7 @@ import json
 import sys
 
 DEFAULT_METHOD = "whiten"
+DEFAULT_ALLOCATION = "fisher"
 DEFAULT_PARAM_RATIO = 0.9
 
 
@@ -15,6 +16,12 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD)
     parser.add_argument("--param-ratio", type=float, default=DEFAULT_PARAM_RATIO, help="kept/original parameters, in (0, 1]")
+    parser.add_argument("--allocation", choices=["uniform", "strs", "fisher"], default=DEFAULT_ALLOCATION,
+                        help="rank allocation under the budget (default: fisher)")
+    parser.add_argument("--ppl-target", type=float, default=None,
+                        help="with --allocation strs: smallest model whose per-projection probes stay under this perplexity")
+    parser.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple (e.g. 8)")
+    parser.add_argument("--sensitivity-samples", type=int, default=4, help="calibration windows for sensitivities")
     parser.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent (method asvd)")
     parser.add_argument("--asvd-statistic", choices=["abs_mean", "abs_max"], default="abs_mean")
     parser.add_argument("--ranks", default=None, help="JSON file with an explicit {module_name: rank} map")
@@ -38,7 +45,11 @@ def run_compress(args: argparse.Namespace) -> int:
             ranks = json.load(handle)
     config = ASVDConfig(
         method=args.method,
-        param_ratio=args.param_ratio,
+        param_ratio=None if args.ppl_target is not None else args.param_ratio,
+        allocation=args.allocation,
+        ppl_target=args.ppl_target,
+        rank_multiple=args.rank_multiple,
+        sensitivity_samples=args.sensitivity_samples,
         ranks=ranks,
         alpha=args.alpha,
         asvd_statistic=args.asvd_statistic,
@@ -50,9 +61,21 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     report = compressor.compress(config, save_dir=args.out)
+    print(rank_summary(report.ranks, compressor.model))
     print(report.summary())
     print(f"saved to {args.out}")
     return 0
+
+
+def rank_summary(ranks: dict, model=None) -> str:
+    """One line per decoder block: the rank of each projection (``-`` = dense)."""
+    from .plots import split_block
+
+    lines: dict[str, list[str]] = {}
+    for name, rank in ranks.items():
+        block, leaf = split_block(name)
+        lines.setdefault(block, []).append(f"{leaf}={'-' if rank is None else rank}")
+    return "\n".join(f"{block:24s} " + " ".join(items) for block, items in lines.items())
 
 
 def run_eval(args: argparse.Namespace) -> int:

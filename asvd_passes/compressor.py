@@ -29,12 +29,17 @@ from .graph import (
     output_projection_name,
 )
 from .hf_quantizer import ASVDQuantizationConfig
+from .plots import plot_ranks
 from .modules import LowRankLinear, parameter_count, projection_weight, replace_module
+from .allocation import fisher_plan, measure_sensitivities, output_fisher, strs_plan
+from .allocation.strs import load_or_measure, model_fingerprint, sensitivity_key
+from .models import cache_dir
 from .ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
 from .scaling import build_scaling
 from .serialization import atomic_directory, write_json
 
 REPORT_FILE = "asvd_report.json"
+RANKS_PLOT = "ranks.png"
 
 
 class NoProjectionsError(ValueError):
@@ -44,7 +49,9 @@ class NoProjectionsError(ValueError):
 @dataclass
 class CompressionReport:
     method: str
+    allocation: str
     ranks: dict[str, int | None]
+    max_ranks: dict[str, int]  # min(in, out) per selected projection
     selected_ratio: float  # kept / original weights of the selected projections
     model_ratio: float  # parameters after / before, whole model
     selected_params_before: int
@@ -158,31 +165,32 @@ class ASVDCompressor(OptimumQuantizer):
             statistics = observe.observers
             seconds["calibrate"] = time.perf_counter() - tick
 
-        shapes = {
-            p.name: ProjectionShape(p.out_features, p.in_features) for p in projections
-        }
-        plan = self._plan(shapes, config)
+        shapes = {p.name: ProjectionShape(p.out_features, p.in_features) for p in projections}
 
+        # One scaled SVD per projection: any rank can be cut from it, so allocation and factoring share it.
         tick = time.perf_counter()
         model_params_before = _model_params(model)
-        replacements = {}
-        for name, rank in tqdm(plan.factored.items(), desc="decompose", disable=not progress):
-            dense = model.get_submodule(name)
-            weight = projection_weight(dense)
+        svds = {}
+        for name in tqdm(shapes, desc="decompose", disable=not progress):
             scaling = build_scaling(config.method, statistics.get(name), config.alpha, config.asvd_statistic)
-            down, up = ScaledSVD.of(weight, scaling).factors(rank)
-            bias = getattr(dense, "bias", None)
-            replacements[name] = LowRankLinear.from_factors(down, up, bias, dtype=weight.dtype, device=weight.device)
+            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scaling)
+        seconds["decompose"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        plan = self._plan(shapes, config, svds, statistics, windows, progress)
+        seconds["allocate"] = time.perf_counter() - tick
+
+        replacements = {name: self._lowrank(name, svds[name], rank) for name, rank in plan.factored.items()}
         for name, module in replacements.items():
             replace_module(model, name, module)
         if output_projection_name(model) in replacements:
             _untie_output_embeddings(model)
-        seconds["decompose"] = time.perf_counter() - tick
         seconds["compress"] = time.perf_counter() - start
 
         model.config.quantization_config = ASVDQuantizationConfig(
             ranks=plan.factored,
             method=config.method,
+            allocation=config.allocation,
             param_ratio=config.param_ratio,
             alpha=config.alpha,
             asvd_statistic=config.asvd_statistic,
@@ -193,7 +201,9 @@ class ASVDCompressor(OptimumQuantizer):
         )
         report = CompressionReport(
             method=config.method,
+            allocation=config.allocation,
             ranks=dict(plan.ranks),
+            max_ranks={name: shape.max_rank for name, shape in shapes.items()},
             selected_ratio=plan.ratio,
             model_ratio=_model_params(model) / model_params_before,
             selected_params_before=plan.original_params,
@@ -215,6 +225,8 @@ class ASVDCompressor(OptimumQuantizer):
                 self.tokenizer.save_pretrained(staging)
             config.save_pretrained(staging)
             write_json(Path(staging) / REPORT_FILE, report.to_dict())
+            plot_ranks(report.ranks, report.max_ranks, Path(staging) / RANKS_PLOT,
+                       f"{report.method} / {report.allocation}: ratio {report.selected_ratio:.3f}")
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -247,8 +259,42 @@ class ASVDCompressor(OptimumQuantizer):
             raise NoProjectionsError("No projection is left to compress after the filters")
         return selected
 
-    def _plan(self, shapes: dict[str, ProjectionShape], config: ASVDConfig) -> RankPlan:
-        base = uniform_ratio_plan(shapes, config.param_ratio) if config.param_ratio is not None else None
-        if config.ranks:
-            return explicit_plan(shapes, config.ranks, base)
-        return base
+    def _lowrank(self, name: str, svd: ScaledSVD, rank: int) -> LowRankLinear:
+        dense = self.model.get_submodule(name)
+        weight = projection_weight(dense)
+        down, up = svd.factors(rank)
+        return LowRankLinear.from_factors(down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
+
+    def _plan(self, shapes, config: ASVDConfig, svds, statistics, windows, progress) -> RankPlan:
+        """Ranks from the configured allocation; an explicit ``ranks`` map overrides what it names."""
+        if config.ranks and config.param_ratio is None:
+            return explicit_plan(shapes, config.ranks)
+        sample = windows[: config.sensitivity_samples]
+        if config.allocation == "uniform":
+            plan = uniform_ratio_plan(shapes, config.param_ratio, config.rank_multiple)
+        elif config.allocation == "fisher":
+            fisher = output_fisher(self.model, list(shapes), sample, progress=progress)
+            grams = {name: statistics[name].gram / statistics[name].count for name in shapes if name in statistics and statistics[name].gram is not None}
+            plan = fisher_plan(shapes, svds, fisher, grams, config.param_ratio, config.rank_multiple)
+        else:
+            plan = strs_plan(
+                shapes,
+                self._strs_sensitivities(shapes, config, svds, sample, windows, progress),
+                ratio=None if config.ppl_target is not None else config.param_ratio,
+                ppl_target=config.ppl_target,
+                multiple=config.rank_multiple,
+            )
+        return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
+
+    def _strs_sensitivities(self, shapes, config: ASVDConfig, svds, sample, windows, progress) -> dict:
+        key = sensitivity_key(
+            model_fingerprint(self.model), config.method, config.alpha, config.asvd_statistic,
+            config.strs_candidates, sample, windows,
+        )
+        return load_or_measure(
+            cache_dir() / "sensitivities" / f"{key}.json",
+            lambda: measure_sensitivities(
+                self.model, shapes, lambda name, rank: self._lowrank(name, svds[name], rank), sample,
+                config.strs_candidates, config.rank_multiple, progress,
+            ),
+        )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from optimum.configuration_utils import BaseConfig
 
 METHODS = ("svd", "asvd", "whiten")
+ALLOCATIONS = ("uniform", "strs", "fisher")
+DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
 
 
@@ -17,6 +19,12 @@ class ASVDConfig(BaseConfig):
         ranks: explicit ``{module_name: rank}``; overrides ``param_ratio`` for the names it lists.
         alpha: ASVD exponent on the activation statistic.
         asvd_statistic: ``abs_mean`` (the paper) or ``abs_max`` for the ``asvd`` method.
+        allocation: how ranks are chosen under the budget: ``uniform`` (one ratio everywhere),
+            ``strs`` (ASVD's sensitivity search) or ``fisher`` (closed-form error × loss weight).
+        ppl_target: with ``strs``, choose ranks by a calibration-perplexity threshold instead of a ratio.
+        rank_multiple: round every rank down to a multiple of this (e.g. 8 for kernels).
+        sensitivity_samples: calibration windows used for sensitivities (Fisher / STRS probes).
+        strs_candidates: candidate per-projection ratios probed by ``strs``.
         include_lm_head: also compress the output projection (excluded by default).
         calibration: ``None``/``"selfgen"``, a text file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
         calib_samples, seqlen, seed: calibration set shape and seed.
@@ -32,6 +40,11 @@ class ASVDConfig(BaseConfig):
         ranks: dict[str, int] | None = None,
         alpha: float = 0.5,
         asvd_statistic: str = "abs_mean",
+        allocation: str = "fisher",
+        ppl_target: float | None = None,
+        rank_multiple: int = 1,
+        sensitivity_samples: int = 4,
+        strs_candidates: tuple[float, ...] | list[float] = DEFAULT_STRS_CANDIDATES,
         include_lm_head: bool = False,
         calibration: str | None = None,
         calib_samples: int = 16,
@@ -45,6 +58,11 @@ class ASVDConfig(BaseConfig):
         self.ranks = dict(ranks) if ranks else None
         self.alpha = alpha
         self.asvd_statistic = asvd_statistic
+        self.allocation = allocation
+        self.ppl_target = ppl_target
+        self.rank_multiple = rank_multiple
+        self.sensitivity_samples = sensitivity_samples
+        self.strs_candidates = [float(c) for c in strs_candidates]
         self.include_lm_head = include_lm_head
         self.calibration = calibration
         self.calib_samples = calib_samples
@@ -57,8 +75,16 @@ class ASVDConfig(BaseConfig):
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.asvd_statistic not in ASVD_STATISTICS:
             raise ValueError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
-        if self.param_ratio is None and not self.ranks:
-            raise ValueError("Give a param_ratio in (0, 1] or an explicit ranks map")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.ppl_target is not None and self.allocation != "strs":
+            raise ValueError("ppl_target needs allocation='strs'")
+        if self.param_ratio is None and not self.ranks and self.ppl_target is None:
+            raise ValueError("Give a param_ratio in (0, 1], a ppl_target or an explicit ranks map")
+        if self.rank_multiple < 1 or self.sensitivity_samples < 1:
+            raise ValueError("rank_multiple and sensitivity_samples must be >= 1")
+        if not self.strs_candidates or not all(0.0 < c < 1.0 for c in self.strs_candidates):
+            raise ValueError(f"strs_candidates must lie in (0, 1), got {self.strs_candidates}")
         if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
             raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio}")
         if self.alpha < 0:
@@ -72,8 +98,10 @@ class ASVDConfig(BaseConfig):
     @property
     def statistics(self) -> tuple[str, ...]:
         """Which observer statistics this configuration needs."""
-        if self.method == "whiten":
-            return ("gram",)
+        needed = []
         if self.method == "asvd":
-            return (self.asvd_statistic,)
-        return ()
+            needed.append(self.asvd_statistic)
+        # Whitening needs XᵀX; so does the closed-form output error of the fisher allocation.
+        if self.method == "whiten" or (self.allocation == "fisher" and not self.ranks):
+            needed.append("gram")
+        return tuple(needed)

@@ -52,7 +52,7 @@ class RankPlan:
         return {name: rank for name, rank in self.ranks.items() if rank is not None}
 
 
-def uniform_ratio_plan(shapes: dict[str, ProjectionShape], ratio: float) -> RankPlan:
+def uniform_ratio_plan(shapes: dict[str, ProjectionShape], ratio: float, multiple: int = 1) -> RankPlan:
     """Every projection keeps r = floor(R·in·out/(in+out)); one that would not shrink stays dense.
 
     R = 1 keeps everything dense: its budget is the dense size, and where floor() leaves a sliver
@@ -64,7 +64,8 @@ def uniform_ratio_plan(shapes: dict[str, ProjectionShape], ratio: float) -> Rank
         return RankPlan(shapes, {name: None for name in shapes})
     ranks: dict[str, int | None] = {}
     for name, shape in shapes.items():
-        rank = max(1, math.floor(ratio * shape.dense_params / (shape.in_features + shape.out_features)))
+        rank = math.floor(ratio * shape.dense_params / (shape.in_features + shape.out_features))
+        rank = max(multiple, rank - rank % multiple)  # rounded down to the kernel-friendly multiple
         ranks[name] = rank if shape.lowrank_params(rank) < shape.dense_params else None
     return RankPlan(shapes, ranks)
 

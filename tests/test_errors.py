@@ -31,7 +31,7 @@ class NoProjections(nn.Module):
 def test_model_without_projections_raises():
     with pytest.raises(ap.NoProjectionsError, match="NoProjections has no linear projections"):
         ap.ASVDCompressor(NoProjections()).compress(
-            ap.ASVDConfig(method="svd", param_ratio=0.5), calibration=torch.zeros(1, 4, dtype=torch.long), progress=False
+            ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5), calibration=torch.zeros(1, 4, dtype=torch.long), progress=False
         )
 
 
@@ -39,7 +39,7 @@ def test_filter_rejecting_everything_raises(tiny_model, tokens):
     model = tiny_model("opt")
     with pytest.raises(ap.NoProjectionsError, match="No projection is left"):
         ap.ASVDCompressor(model).compress(
-            ap.ASVDConfig(method="svd", param_ratio=0.5),
+            ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5),
             calibration=tokens(1, 8),
             filter_fn=lambda name, module: False,
             progress=False,
@@ -50,7 +50,7 @@ def test_filter_rejecting_everything_raises(tiny_model, tokens):
 def test_filter_narrows_selection(tiny_model, tokens):
     model = tiny_model("gpt2")
     report = ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(method="svd", param_ratio=0.5),
+        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5),
         calibration=tokens(1, 8),
         filter_fn=lambda name, module: name.endswith("mlp.c_fc"),
         progress=False,
@@ -85,7 +85,7 @@ def test_bad_config(kwargs, message):
 
 
 def test_config_mutated_after_construction_is_revalidated(tiny_model, tokens):
-    config = ap.ASVDConfig(method="svd", param_ratio=0.5)
+    config = ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5)
     config.param_ratio = 2.0
     with pytest.raises(ValueError, match="param_ratio"):
         ap.ASVDCompressor(tiny_model("llama")).compress(config, calibration=tokens(1, 8), progress=False)
@@ -107,7 +107,7 @@ def test_bad_calibration_tensor(tiny_model):
     compressor = ap.ASVDCompressor(tiny_model("llama"))
     for bad in (torch.zeros(8, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"\(samples, seqlen\)"):
-            compressor.compress(ap.ASVDConfig(method="svd", param_ratio=0.5), calibration=bad, progress=False)
+            compressor.compress(ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5), calibration=bad, progress=False)
 
 
 def test_statistics_without_tokenizer_or_ids(tiny_model):

@@ -68,7 +68,7 @@ def test_ratio_one_leaves_model_unchanged(tiny_model, tokens):
     with torch.no_grad():
         before = model(ids).logits
     report = ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(method="svd", param_ratio=1.0), calibration=ids, progress=False
+        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=1.0), calibration=ids, progress=False
     )
     assert report.ranks and all(rank is None for rank in report.ranks.values())
     assert report.selected_ratio == 1.0 and report.model_ratio == 1.0
@@ -121,7 +121,7 @@ def test_ranks_for_unselected_module_rejected(tiny_model, tokens):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="not selected projections"):
         ap.ASVDCompressor(model).compress(
-            ap.ASVDConfig(method="svd", param_ratio=None, ranks={"lm_head": 4}), calibration=tokens(1, 8), progress=False
+            ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=None, ranks={"lm_head": 4}), calibration=tokens(1, 8), progress=False
         )
     assert not any(isinstance(m, ap.LowRankLinear) for m in model.modules())
 
@@ -133,7 +133,7 @@ def test_report_ratio_is_exact(family, ratio, tiny_model, tokens, projections_of
     shapes = projections_of(model)  # {name: (in, out)}, before compression
     params_before = sum(p.numel() for p in model.parameters())
     report = ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(method="svd", param_ratio=ratio, ranks={next(iter(shapes)): 3}), calibration=tokens(1, 8), progress=False
+        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=ratio, ranks={next(iter(shapes)): 3}), calibration=tokens(1, 8), progress=False
     )
     assert set(report.ranks) == set(shapes) - {"lm_head"}
     assert report.ranks[next(iter(shapes))] == 3
@@ -172,7 +172,7 @@ def test_seeded_runs_are_bit_identical(family, method, tiny_model, tokens):
     runs = []
     for _ in range(2):
         model = tiny_model(family, seed=7)
-        config = ap.ASVDConfig(method=method, param_ratio=0.6, seed=3)
+        config = ap.ASVDConfig(method=method, allocation="uniform", param_ratio=0.6, seed=3)
         ap.ASVDCompressor(model).compress(config, calibration=tokens(4, 32, seed=3), progress=False)
         runs.append(_factors(model))
     assert runs[0] and runs[0].keys() == runs[1].keys()
@@ -185,6 +185,6 @@ def test_svd_without_calibration_is_seeded(tiny_model):
     runs = []
     for _ in range(2):
         model = tiny_model("mistral", seed=11)
-        ap.ASVDCompressor(model).compress(ap.ASVDConfig(method="svd", param_ratio=0.5, seqlen=8), progress=False)
+        ap.ASVDCompressor(model).compress(ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5, seqlen=8), progress=False)
         runs.append(_factors(model))
     assert runs[0] and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -55,12 +55,13 @@ def test_whiten_095_compress_save_load_eval(tmp_path):
     _require_data()
     out = tmp_path / "smollm2-whiten-095"
     asvd(
-        "compress", "--out", str(out), "--method", "whiten", "--param-ratio", "0.95",
+        "compress", "--out", str(out), "--method", "whiten", "--allocation", "uniform", "--param-ratio", "0.95",
         "--calib", str(VALID_SPLIT), "--calib-samples", "16", "--seqlen", "512", "--seed", "0",
     )
     report = json.loads((out / "asvd_report.json").read_text())
     assert 0.94 < report["selected_ratio"] <= 0.95
     assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
+    assert (out / "ranks.png").stat().st_size > 0
     result = eval_json(str(out), 30)
     assert result["ppl"] <= 70.0, result
 

@@ -69,13 +69,14 @@ def measure_sensitivities(
         start = block_index(model, name)
         original = model.get_submodule(name)
         result[name] = {}
-        try:
-            for ratio in candidates:
-                replace_module(model, name, truncated(name, candidate_rank(shape, ratio, multiple)))
+        for ratio in candidates:
+            probe = truncated(name, candidate_rank(shape, ratio, multiple))  # built from the dense module
+            replace_module(model, name, probe)
+            try:
                 result[name][str(ratio)] = replay.ppl_from(start)
-                bar.update()
-        finally:
-            replace_module(model, name, original)
+            finally:
+                replace_module(model, name, original)
+            bar.update()
     bar.close()
     return result
 

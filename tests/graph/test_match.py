@@ -132,7 +132,7 @@ def test_lm_head_excluded_by_default(family, tiny_model, tokens, projections_of)
     model = tiny_model(family)
     names = set(projections_of(model))
     report = ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(method="svd", param_ratio=0.5), calibration=tokens(1, 16), progress=False
+        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5), calibration=tokens(1, 16), progress=False
     )
     assert "lm_head" not in report.ranks
     assert set(report.ranks) == names - {"lm_head"}
@@ -144,7 +144,7 @@ def test_lm_head_included_when_asked(family, tiny_model, tokens, projections_of)
     names = set(projections_of(model))
     ids = tokens(2, 16)
     report = ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(method="svd", param_ratio=0.5, include_lm_head=True), calibration=ids, progress=False
+        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5, include_lm_head=True), calibration=ids, progress=False
     )
     assert set(report.ranks) == names
     assert report.ranks["lm_head"] is not None

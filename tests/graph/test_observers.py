@@ -129,5 +129,5 @@ def test_nan_activation_stops_compression(tiny_model, tokens):
     with torch.no_grad():
         model.get_input_embeddings().weight[int(rows[1, 5])] = float("nan")
     with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        ap.ASVDCompressor(model).compress(ap.ASVDConfig(method="asvd", param_ratio=0.5), calibration=rows, progress=False)
+        ap.ASVDCompressor(model).compress(ap.ASVDConfig(method="asvd", allocation="uniform", param_ratio=0.5), calibration=rows, progress=False)
     assert not any(isinstance(m, ap.LowRankLinear) for m in model.modules()), "the model must be left untouched"
