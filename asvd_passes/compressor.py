@@ -74,6 +74,32 @@ class CompressionReport:
         )
 
 
+@dataclass
+class Analysis:
+    """What a compression learns before any budget is applied; reusable across ratios and allocations."""
+
+    windows: torch.Tensor
+    shapes: dict[str, ProjectionShape]
+    statistics: dict
+    svds: dict[str, ScaledSVD]
+    seconds: dict[str, float]
+    calibration_source: str | None
+    _cache: dict = field(default_factory=dict)
+    _cache_seconds: dict = field(default_factory=dict)
+
+    def cached(self, key: str, compute):
+        """Budget-independent sensitivities (Fisher, STRS probes): computed once per analysis."""
+        if key not in self._cache:
+            tick = time.perf_counter()
+            self._cache[key] = compute()
+            self._cache_seconds[key] = time.perf_counter() - tick
+        return self._cache[key]
+
+    def sensitivity_seconds(self, allocation: str) -> float:
+        """Time spent on this allocation's sensitivities, charged to every run that uses them."""
+        return self._cache_seconds.get(allocation, 0.0)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -137,6 +163,11 @@ class ASVDCompressor(OptimumQuantizer):
         of token ids. ``filter_fn(name, module)`` narrows which projections are compressed.
         """
         config = config or ASVDConfig()
+        analysis = self.analyze(config, calibration, filter_fn, progress)
+        return self.apply(analysis, config, save_dir=save_dir, progress=progress)
+
+    def analyze(self, config: ASVDConfig, calibration=None, filter_fn=None, progress: bool = True) -> "Analysis":
+        """Everything that does not depend on the budget: calibration, graph, statistics, scaled SVDs."""
         config.validate()
         model = self.model.eval()
         if any(isinstance(m, LowRankLinear) for m in model.modules()):
@@ -166,27 +197,33 @@ class ASVDCompressor(OptimumQuantizer):
             seconds["calibrate"] = time.perf_counter() - tick
 
         shapes = {p.name: ProjectionShape(p.out_features, p.in_features) for p in projections}
-
         # One scaled SVD per projection: any rank can be cut from it, so allocation and factoring share it.
         tick = time.perf_counter()
-        model_params_before = _model_params(model)
         svds = {}
         for name in tqdm(shapes, desc="decompose", disable=not progress):
             scaling = build_scaling(config.method, statistics.get(name), config.alpha, config.asvd_statistic)
             svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scaling)
         seconds["decompose"] = time.perf_counter() - tick
+        source = config.calibration if calibration is None else calibration
+        return Analysis(windows, shapes, statistics, svds, seconds, source if isinstance(source, (str, type(None))) else "tensor")
 
+    def apply(self, analysis: "Analysis", config: ASVDConfig, save_dir=None, progress: bool = True) -> CompressionReport:
+        """Allocate ranks for ``config``'s budget, swap in the factored modules, report, and save."""
+        model = self.model
         tick = time.perf_counter()
-        plan = self._plan(shapes, config, svds, statistics, windows, progress)
-        seconds["allocate"] = time.perf_counter() - tick
+        plan = self._plan(analysis, config, progress)
+        seconds = dict(analysis.seconds)
+        seconds["allocate"] = time.perf_counter() - tick + analysis.sensitivity_seconds(config.allocation)
 
-        replacements = {name: self._lowrank(name, svds[name], rank) for name, rank in plan.factored.items()}
+        model_params_before = _model_params(model)
+        replacements = {name: self._lowrank(name, analysis.svds[name], rank) for name, rank in plan.factored.items()}
         for name, module in replacements.items():
             replace_module(model, name, module)
         if output_projection_name(model) in replacements:
             _untie_output_embeddings(model)
-        seconds["compress"] = time.perf_counter() - start
+        seconds["compress"] = sum(seconds.values())
 
+        windows = analysis.windows
         model.config.quantization_config = ASVDQuantizationConfig(
             ranks=plan.factored,
             method=config.method,
@@ -194,7 +231,7 @@ class ASVDCompressor(OptimumQuantizer):
             param_ratio=config.param_ratio,
             alpha=config.alpha,
             asvd_statistic=config.asvd_statistic,
-            calibration=config.calibration if isinstance(calibration, (str, type(None))) else "tensor",
+            calibration=analysis.calibration_source,
             calib_samples=int(windows.shape[0]),
             seqlen=int(windows.shape[1]),
             seed=config.seed,
@@ -203,7 +240,7 @@ class ASVDCompressor(OptimumQuantizer):
             method=config.method,
             allocation=config.allocation,
             ranks=dict(plan.ranks),
-            max_ranks={name: shape.max_rank for name, shape in shapes.items()},
+            max_ranks={name: shape.max_rank for name, shape in analysis.shapes.items()},
             selected_ratio=plan.ratio,
             model_ratio=_model_params(model) / model_params_before,
             selected_params_before=plan.original_params,
@@ -265,36 +302,43 @@ class ASVDCompressor(OptimumQuantizer):
         down, up = svd.factors(rank)
         return LowRankLinear.from_factors(down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
 
-    def _plan(self, shapes, config: ASVDConfig, svds, statistics, windows, progress) -> RankPlan:
+    def _plan(self, analysis: "Analysis", config: ASVDConfig, progress) -> RankPlan:
         """Ranks from the configured allocation; an explicit ``ranks`` map overrides what it names."""
+        shapes = analysis.shapes
         if config.ranks and config.param_ratio is None:
             return explicit_plan(shapes, config.ranks)
-        sample = windows[: config.sensitivity_samples]
         if config.allocation == "uniform":
             plan = uniform_ratio_plan(shapes, config.param_ratio, config.rank_multiple)
         elif config.allocation == "fisher":
-            fisher = output_fisher(self.model, list(shapes), sample, progress=progress)
-            grams = {name: statistics[name].gram / statistics[name].count for name in shapes if name in statistics and statistics[name].gram is not None}
-            plan = fisher_plan(shapes, svds, fisher, grams, config.param_ratio, config.rank_multiple)
+            sample = analysis.windows[: config.sensitivity_samples]
+            fisher = analysis.cached("fisher", lambda: output_fisher(self.model, list(shapes), sample, progress=progress))
+            grams = {
+                name: stats.gram / stats.count
+                for name, stats in analysis.statistics.items()
+                if name in shapes and stats.gram is not None
+            }
+            plan = fisher_plan(shapes, analysis.svds, fisher, grams, config.param_ratio, config.rank_multiple)
         else:
+            sensitivities = analysis.cached("strs", lambda: self._strs_sensitivities(analysis, config, progress))
             plan = strs_plan(
                 shapes,
-                self._strs_sensitivities(shapes, config, svds, sample, windows, progress),
+                sensitivities,
                 ratio=None if config.ppl_target is not None else config.param_ratio,
                 ppl_target=config.ppl_target,
                 multiple=config.rank_multiple,
             )
         return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
 
-    def _strs_sensitivities(self, shapes, config: ASVDConfig, svds, sample, windows, progress) -> dict:
+    def _strs_sensitivities(self, analysis: "Analysis", config: ASVDConfig, progress) -> dict:
+        sample = analysis.windows[: config.sensitivity_samples]
         key = sensitivity_key(
             model_fingerprint(self.model), config.method, config.alpha, config.asvd_statistic,
-            config.strs_candidates, sample, windows,
+            config.strs_candidates, sample, analysis.windows,
         )
         return load_or_measure(
             cache_dir() / "sensitivities" / f"{key}.json",
             lambda: measure_sensitivities(
-                self.model, shapes, lambda name, rank: self._lowrank(name, svds[name], rank), sample,
-                config.strs_candidates, config.rank_multiple, progress,
+                self.model, analysis.shapes, lambda name, rank: self._lowrank(name, analysis.svds[name], rank),
+                sample, config.strs_candidates, config.rank_multiple, progress,
             ),
         )

@@ -1,0 +1,127 @@
+"""Quality benchmark: methods × allocations × parameter ratios on the embedded SmolLM2-135M.
+
+Per method, everything that does not depend on the budget (calibration statistics, the scaled SVD
+of every projection, Fisher sensitivities, STRS probes) is computed once with
+``ASVDCompressor.analyze`` and reused for every ratio, exactly as a single ``compress`` would
+compute it. The time column is what one ``asvd compress`` of that (method, allocation, ratio)
+costs: the analysis stages plus its allocation (sensitivities included), not counting model load.
+(For svd/asvd the statistics pass also gathers XᵀX for the fisher runs, so their uniform/strs
+times include that gram cost too: an upper bound.) STRS probes are cached on disk (``~/.cache/asvd_passes/sensitivities``).
+
+    python benchmarks/quality.py            # writes benchmarks/results/quality.{md,json,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--methods", default="svd,asvd,whiten")
+    parser.add_argument("--allocations", default="uniform,fisher")
+    parser.add_argument("--strs-methods", default="asvd,whiten", help="methods that also run STRS ('' for none)")
+    parser.add_argument("--ratios", default="0.95,0.9,0.85,0.8")
+    parser.add_argument("--strs-samples", type=int, default=4, help="calibration windows for STRS probes")
+    parser.add_argument("--windows", type=int, default=30)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    args = parser.parse_args()
+
+    from asvd_passes import ASVDCompressor, ASVDConfig, perplexity
+    from asvd_passes.modules import replace_module
+
+    ratios = [float(r) for r in args.ratios.split(",")]
+    test = str(DATA / "wiki.test.raw")
+    calib = dict(calibration=str(DATA / "wiki.valid.tokens"), calib_samples=16, seqlen=args.seqlen, seed=0)
+    compressor = ASVDCompressor.from_pretrained(None)
+    model, tokenizer = compressor.model, compressor.tokenizer
+    dense = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
+    print(f"dense ppl {dense['ppl']:.3f}", flush=True)
+    rows = [dict(method="dense", allocation="-", ratio=1.0, achieved=1.0, model_ratio=1.0, ppl=dense["ppl"], seconds=0.0)]
+    strs_methods = [m for m in args.strs_methods.split(",") if m]
+
+    for method in args.methods.split(","):
+        allocations = args.allocations.split(",") + (["strs"] if method in strs_methods else [])
+        # The analysis gathers the statistics that any of these allocations needs (fisher adds XᵀX).
+        base = ASVDConfig(method=method, allocation="fisher" if "fisher" in allocations else allocations[0],
+                          param_ratio=0.9, **calib)
+        tick = time.perf_counter()
+        analysis = compressor.analyze(base, progress=False)
+        print(f"{method}: analysis {time.perf_counter() - tick:.1f} s {analysis.seconds}", flush=True)
+        dense_modules = {name: model.get_submodule(name) for name in analysis.shapes}
+        for allocation in allocations:
+            for ratio in ratios:
+                extra = dict(sensitivity_samples=args.strs_samples) if allocation == "strs" else {}
+                config = ASVDConfig(method=method, allocation=allocation, param_ratio=ratio, **calib, **extra)
+                report = compressor.apply(analysis, config, progress=False)
+                result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
+                stages = dict(report.seconds)
+                rows.append(dict(method=method, allocation=allocation, ratio=ratio, achieved=report.selected_ratio,
+                                 model_ratio=report.model_ratio, ppl=result["ppl"], seconds=stages["compress"],
+                                 stages=stages, peak_rss_mib=peak_rss_mib()))
+                print(json.dumps(rows[-1]), flush=True)
+                for name, module in dense_modules.items():  # back to dense for the next run
+                    replace_module(model, name, module)
+                del model.config.quantization_config
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(dense=dense, rows=rows), indent=2))
+    lines = [
+        f"SmolLM2-135M-Instruct, fp32, CPU (2 cores). Perplexity: WikiText-2 test, seqlen {args.seqlen}, "
+        f"{dense['windows']} windows ({dense['tokens']} tokens). Calibration: 16×{args.seqlen} validation windows, seed 0; "
+        f"sensitivities on the first windows of them (fisher: 4, strs: {args.strs_samples}).",
+        "",
+        "| method | allocation | requested ratio | achieved ratio | whole-model ratio | perplexity | compression s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['allocation']} | {row['ratio']:.2f} | {row['achieved']:.4f} | "
+                     f"{row['model_ratio']:.4f} | {row['ppl']:.2f} | {row['seconds']:.0f} |")
+    lines.append(f"\nPeak RSS of the whole sweep process: {peak_rss_mib():.0f} MiB.")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, dense["ppl"], out.with_suffix(".png"))
+    return 0
+
+
+def plot(rows, dense_ppl, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    lines = {}
+    for row in rows[1:]:
+        lines.setdefault((row["method"], row["allocation"]), []).append((row["achieved"], row["ppl"]))
+    for (method, allocation), points in sorted(lines.items()):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} / {allocation}")
+    axis.axhline(dense_ppl, color="black", linestyle="--", label=f"dense ({dense_ppl:.2f})")
+    axis.set_yscale("log")
+    axis.set_xlabel("achieved parameter ratio (selected projections)")
+    axis.set_ylabel("WikiText-2 perplexity (log)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
