@@ -272,6 +272,9 @@ class ASVDCompressor(OptimumQuantizer):
             if calibration.dim() != 2 or calibration.shape[1] < 2:
                 raise ValueError("calibration tensor must be (samples, seqlen) token ids")
             return calibration.long().cpu()
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and config.seqlen > limit:
+            raise ValueError(f"seqlen {config.seqlen} is longer than the model's {limit} positions")
         source = calibration if calibration is not None else config.calibration
         if source not in (None, "selfgen") or config.statistics:
             if self.tokenizer is None:

@@ -14,6 +14,9 @@ from .data import read_text, tokenize
 @torch.no_grad()
 def perplexity(model, tokenizer, source: str, seqlen: int = 512, windows: int | None = None, progress=True) -> dict:
     """``{"ppl", "seqlen", "windows", "tokens"}`` over the first ``windows`` windows of ``source``."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} is longer than the model's {limit} positions")
     tokens = tokenize(tokenizer, read_text(source))
     available = tokens.numel() // seqlen
     if available < 1:

@@ -1,0 +1,96 @@
+"""The ``asvd`` and ``optimum-cli asvd`` commands on a tiny Llama that uses the real tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(os.environ.get("ASVD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "wikitext-2"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer Llama with the embedded model's tokenizer (so real text calibrates it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from asvd_passes.models import embedded_model_dir
+
+    if not DATA.is_dir():
+        pytest.fail(f"WikiText-2 data missing at {DATA}") if os.environ.get("CI") else pytest.skip("no data")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=2048)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_compress_then_eval_json(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    result = run("compress", str(tiny_folder), "--out", str(out), "--method", "whiten", "--allocation", "fisher",
+                 "--param-ratio", "0.7", "--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "4",
+                 "--seqlen", "64", "--seed", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model.layers.0" in result.stdout and "q_proj=" in result.stdout  # per-layer rank summary
+    assert (out / "ranks.png").is_file() and (out / "asvd_config.json").is_file()
+    report = json.loads((out / "asvd_report.json").read_text())
+    assert report["selected_ratio"] <= 0.7
+    evaluated = run("eval", str(out), "--data", str(DATA / "wiki.test.raw"), "--seqlen", "64", "--windows", "3", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    payload = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert set(payload) >= {"ppl", "seqlen", "windows", "tokens"}
+    assert payload["seqlen"] == 64 and payload["windows"] == 3 and payload["tokens"] == 3 * 63
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--param-ratio", "1.5"], "param_ratio must lie in (0, 1]"),
+        (["--param-ratio", "0"], "param_ratio must lie in (0, 1]"),
+        (["--calib", "SHORT"], "fewer than one window"),
+        (["--calib", "MISSING"], "not found"),
+        (["--seqlen", "4096"], "longer than the model's 2048 positions"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_nothing(tiny_folder, tmp_path, args, message):
+    short = tmp_path.parent / f"{tmp_path.name}-short.txt"
+    short.write_text("far too short for a window")
+    args = [{"SHORT": str(short), "MISSING": str(tmp_path / "nope.txt")}.get(a, a) for a in args]
+    out = tmp_path / "out"
+    result = run("compress", str(tiny_folder), "--out", str(out), "--calib", str(DATA / "wiki.valid.tokens"),
+                 "--calib-samples", "2", "--seqlen", "64", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no output, no staging folder
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    result = run("compress", str(folder), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "architecture" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_optimum_cli_plugin_exposes_compress():
+    optimum_cli = shutil.which("optimum-cli", path=os.path.dirname(sys.executable)) or shutil.which("optimum-cli")
+    assert optimum_cli, "optimum-cli is not installed"
+    result = subprocess.run([optimum_cli, "asvd", "compress", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--out", "--method", "--param-ratio", "--calib", "--allocation"):
+        assert flag in result.stdout
