@@ -112,7 +112,7 @@ def test_bad_calibration_tensor(tiny_model):
 
 def test_statistics_without_tokenizer_or_ids(tiny_model):
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        ap.ASVDCompressor(tiny_model("llama")).compress(ap.ASVDConfig(method="whiten"), progress=False)
+        ap.ASVDCompressor(tiny_model("llama")).compress(ap.ASVDConfig(method="whiten", seqlen=32), progress=False)
 
 
 def test_unknown_architecture(tmp_path):
