@@ -1,4 +1,4 @@
-"""``asvd`` command line: ``asvd compress`` and ``asvd eval``."""
+"""``asvd`` command line: ``asvd compress``, ``asvd eval`` and ``asvd inspect``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, help="folder, hub id or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD)
-    parser.add_argument("--param-ratio", type=float, default=DEFAULT_PARAM_RATIO, help="kept/original parameters, in (0, 1]")
+    parser.add_argument("--param-ratio", type=float, default=None,
+                        help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with --kv-ratio alone)")
+    parser.add_argument("--kv-ratio", type=float, default=None,
+                        help="latent KV cache: cached latent width / dense K+V width, in (0, 1]")
+    parser.add_argument("--kv-group-size", type=int, default=None,
+                        help="KV heads per latent group (default: one latent for all KV heads)")
+    parser.add_argument("--kv-allocation", choices=["uniform", "fisher"], default="fisher",
+                        help="per-layer K/V latent ranks (default: fisher)")
     parser.add_argument("--allocation", choices=["uniform", "strs", "fisher"], default=DEFAULT_ALLOCATION,
                         help="rank allocation under the budget (default: fisher)")
     parser.add_argument("--ppl-target", type=float, default=None,
@@ -43,9 +50,15 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.ranks:
         with open(args.ranks, encoding="utf-8") as handle:
             ranks = json.load(handle)
+    param_ratio = args.param_ratio
+    if param_ratio is None and args.ppl_target is None and args.kv_ratio is None and not ranks:
+        param_ratio = DEFAULT_PARAM_RATIO
     config = ASVDConfig(
         method=args.method,
-        param_ratio=None if args.ppl_target is not None else args.param_ratio,
+        param_ratio=param_ratio,
+        kv_ratio=args.kv_ratio,
+        kv_group_size=args.kv_group_size,
+        kv_allocation=args.kv_allocation,
         allocation=args.allocation,
         ppl_target=args.ppl_target,
         rank_multiple=args.rank_multiple,
@@ -61,7 +74,10 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     report = compressor.compress(config, save_dir=args.out)
-    print(rank_summary(report.ranks, compressor.model))
+    if report.ranks:
+        print(rank_summary(report.ranks, compressor.model))
+    if report.kv is not None:
+        print(kv_summary(report.kv))
     print(report.summary())
     print(f"saved to {args.out}")
     return 0
@@ -76,6 +92,33 @@ def rank_summary(ranks: dict, model=None) -> str:
         block, leaf = split_block(name)
         lines.setdefault(block, []).append(f"{leaf}={'-' if rank is None else rank}")
     return "\n".join(f"{block:24s} " + " ".join(items) for block, items in lines.items())
+
+
+def kv_summary(kv: dict) -> str:
+    """One line per attention layer: the K and V latent ranks (per head group)."""
+    from .plots import split_block
+
+    lines = []
+    for name, roles in kv["layers"].items():
+        block, _ = split_block(name + ".x")
+        lines.append(f"{block:24s} K={'+'.join(map(str, roles['key']))} V={'+'.join(map(str, roles['value']))}")
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .inspect_model import inspect_model
+    from .models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
+    info = inspect_model(model, args.model)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"param ratio {info['param_ratio']}, KV ratio {info['kv_ratio']:.4f}: "
+              f"{info['kv_bytes_per_token']} cache bytes per token (dense {info['dense_kv_bytes_per_token']})")
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -109,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=run_eval)
+
+    inspect = commands.add_parser("inspect", help="ratios, ranks and measured KV-cache bytes of a saved model")
+    inspect.add_argument("model", help="compressed (or dense) model folder")
+    inspect.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=run_inspect)
     return parser
 
 

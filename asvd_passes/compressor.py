@@ -35,6 +35,8 @@ from .allocation import fisher_plan, measure_sensitivities, output_fisher, strs_
 from .allocation.strs import load_or_measure, model_fingerprint, sensitivity_key
 from .models import cache_dir
 from .ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
+from . import kv
+from .allocation.fisher import loss_cost_curve
 from .scaling import build_scaling
 from .serialization import atomic_directory, write_json
 
@@ -61,15 +63,22 @@ class CompressionReport:
     calibration_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
+    kv: dict | None = None  # latent KV cache: plan, achieved ratios (None when K/V were left alone)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         factored = sum(r is not None for r in self.ranks.values())
+        kv_line = ""
+        if self.kv is not None:
+            kv_line = (
+                f"latent KV cache: ratio {self.kv['kv_ratio']:.4f} (K {self.kv['key_ratio']:.3f}, "
+                f"V {self.kv['value_ratio']:.3f}, group size {self.kv['group_size']}); "
+            )
         return (
             f"{factored}/{len(self.ranks)} projections factored; ratio {self.selected_ratio:.4f} of selected "
-            f"projections, {self.model_ratio:.4f} of the whole model; "
+            f"projections, {self.model_ratio:.4f} of the whole model; " + kv_line +
             f"compression {self.seconds.get('compress', 0):.1f} s, peak RSS {self.peak_rss_mib:.0f} MiB"
         )
 
@@ -84,6 +93,9 @@ class Analysis:
     svds: dict[str, ScaledSVD]
     seconds: dict[str, float]
     calibration_source: str | None
+    kv_layouts: list | None = None  # attention layers of the KV pass (None: K/V left alone)
+    kv_svds: dict = field(default_factory=dict)  # (attention, role, group) -> ScaledSVD
+    kv_group_size: int | None = None
     _cache: dict = field(default_factory=dict)
     _cache_seconds: dict = field(default_factory=dict)
 
@@ -170,7 +182,7 @@ class ASVDCompressor(OptimumQuantizer):
         """Everything that does not depend on the budget: calibration, graph, statistics, scaled SVDs."""
         config.validate()
         model = self.model.eval()
-        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        if any(isinstance(m, (LowRankLinear, kv.LatentKVAttention)) for m in model.modules()):
             raise ValueError("This model is already ASVD-compressed; compress the original model instead")
         start = time.perf_counter()
         seconds: dict[str, float] = {}
@@ -180,8 +192,22 @@ class ASVDCompressor(OptimumQuantizer):
 
         tick = time.perf_counter()
         graph_module = capture(model, windows[:1].to(model.device))
-        projections = self._select(find_projections(graph_module, model), config, filter_fn)
-        groups = group_by_input(projections)
+        found = find_projections(graph_module, model)
+        projections = self._select(found, config, filter_fn) if config.compresses_weights else []
+        layouts, kv_sources = None, []
+        if config.kv_ratio is not None:
+            layouts = kv.find_attention_layers(model)
+            kv_sources = list(dict.fromkeys(layout.source(role) for layout in layouts for role in kv.plan.ROLES))
+            by_name = {p.name: p for p in found}
+            missing = [name for name in kv_sources if name not in by_name]
+            if missing:
+                raise NoProjectionsError(f"K/V projections {missing[:3]} were not found in the traced graph")
+            # K/V belong to the KV pass; the weight budget covers the other projections.
+            projections = [p for p in projections if p.name not in kv_sources]
+            observed = projections + [by_name[name] for name in kv_sources]
+        else:
+            observed = projections
+        groups = group_by_input(observed)
         seconds["trace"] = time.perf_counter() - tick
 
         statistics = {}
@@ -203,17 +229,34 @@ class ASVDCompressor(OptimumQuantizer):
         for name in tqdm(shapes, desc="decompose", disable=not progress):
             scaling = build_scaling(config.method, statistics.get(name), config.alpha, config.asvd_statistic)
             svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scaling)
+        kv_svds, group_size = {}, None
+        if layouts is not None:
+            group_size = kv.resolve_group_size(layouts, config.kv_group_size)
+            scalings = {
+                name: build_scaling(config.method, statistics.get(name), config.alpha, config.asvd_statistic)
+                for name in kv_sources
+            }
+            kv_svds = kv.group_svds(model, layouts, scalings, group_size)
         seconds["decompose"] = time.perf_counter() - tick
         source = config.calibration if calibration is None else calibration
-        return Analysis(windows, shapes, statistics, svds, seconds, source if isinstance(source, (str, type(None))) else "tensor")
+        return Analysis(
+            windows, shapes, statistics, svds, seconds,
+            source if isinstance(source, (str, type(None))) else "tensor",
+            kv_layouts=layouts, kv_svds=kv_svds, kv_group_size=group_size,
+        )
 
     def apply(self, analysis: "Analysis", config: ASVDConfig, save_dir=None, progress: bool = True) -> CompressionReport:
         """Allocate ranks for ``config``'s budget, swap in the factored modules, report, and save."""
         model = self.model
         tick = time.perf_counter()
-        plan = self._plan(analysis, config, progress)
+        plan = self._plan(analysis, config, progress) if config.compresses_weights else RankPlan({}, {})
+        # Both plans read the dense model (sensitivities), so both are made before anything is swapped.
+        kv_plan = self._kv_plan(analysis, config, progress) if analysis.kv_layouts else None
         seconds = dict(analysis.seconds)
-        seconds["allocate"] = time.perf_counter() - tick + analysis.sensitivity_seconds(config.allocation)
+        charged = ({config.allocation} if config.compresses_weights else set()) | (
+            {"fisher"} if kv_plan is not None and config.kv_allocation == "fisher" else set()
+        )
+        seconds["allocate"] = time.perf_counter() - tick + sum(analysis.sensitivity_seconds(key) for key in charged)
 
         model_params_before = _model_params(model)
         replacements = {name: self._lowrank(name, analysis.svds[name], rank) for name, rank in plan.factored.items()}
@@ -221,6 +264,8 @@ class ASVDCompressor(OptimumQuantizer):
             replace_module(model, name, module)
         if output_projection_name(model) in replacements:
             _untie_output_embeddings(model)
+        if kv_plan is not None:
+            kv.apply_kv_plan(model, analysis.kv_layouts, kv_plan, analysis.kv_svds)
         seconds["compress"] = sum(seconds.values())
 
         windows = analysis.windows
@@ -235,6 +280,9 @@ class ASVDCompressor(OptimumQuantizer):
             calib_samples=int(windows.shape[0]),
             seqlen=int(windows.shape[1]),
             seed=config.seed,
+            kv=kv_plan.to_dict() if kv_plan is not None else None,
+            kv_ratio=config.kv_ratio,
+            kv_allocation=config.kv_allocation if kv_plan is not None else None,
         )
         report = CompressionReport(
             method=config.method,
@@ -250,6 +298,15 @@ class ASVDCompressor(OptimumQuantizer):
             calibration_tokens=int(windows.numel()),
             seconds=seconds,
             peak_rss_mib=_peak_rss_mib(),
+            kv=None if kv_plan is None else dict(
+                kv_plan.to_dict(),
+                kv_ratio=kv_plan.ratio,
+                key_ratio=kv_plan.role_ratio("key"),
+                value_ratio=kv_plan.role_ratio("value"),
+                allocation=config.kv_allocation,
+                dense_width=kv_plan.dense_width,
+                latent_width=kv_plan.total_latent_width,
+            ),
         )
         if save_dir is not None:
             self.save(save_dir, config, report)
@@ -262,8 +319,9 @@ class ASVDCompressor(OptimumQuantizer):
                 self.tokenizer.save_pretrained(staging)
             config.save_pretrained(staging)
             write_json(Path(staging) / REPORT_FILE, report.to_dict())
-            plot_ranks(report.ranks, report.max_ranks, Path(staging) / RANKS_PLOT,
-                       f"{report.method} / {report.allocation}: ratio {report.selected_ratio:.3f}")
+            if report.ranks:
+                plot_ranks(report.ranks, report.max_ranks, Path(staging) / RANKS_PLOT,
+                           f"{report.method} / {report.allocation}: ratio {report.selected_ratio:.3f}")
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -313,8 +371,7 @@ class ASVDCompressor(OptimumQuantizer):
         if config.allocation == "uniform":
             plan = uniform_ratio_plan(shapes, config.param_ratio, config.rank_multiple)
         elif config.allocation == "fisher":
-            sample = analysis.windows[: config.sensitivity_samples]
-            fisher = analysis.cached("fisher", lambda: output_fisher(self.model, list(shapes), sample, progress=progress))
+            fisher = self._fisher(analysis, config, progress)
             grams = {
                 name: stats.gram / stats.count
                 for name, stats in analysis.statistics.items()
@@ -331,6 +388,31 @@ class ASVDCompressor(OptimumQuantizer):
                 multiple=config.rank_multiple,
             )
         return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
+
+    def _fisher(self, analysis: "Analysis", config: ASVDConfig, progress) -> dict:
+        """Diagonal Fisher of every weight-plan projection and every K/V source, in one set of passes."""
+        names = list(analysis.shapes)
+        if analysis.kv_layouts:
+            names += [l.source(r) for l in analysis.kv_layouts for r in kv.plan.ROLES if l.source(r) not in names]
+        names = list(dict.fromkeys(names))
+        sample = analysis.windows[: config.sensitivity_samples]
+        return analysis.cached("fisher", lambda: output_fisher(self.model, names, sample, progress=progress))
+
+    def _kv_plan(self, analysis: "Analysis", config: ASVDConfig, progress) -> "kv.KVPlan":
+        layouts, group_size = analysis.kv_layouts, analysis.kv_group_size
+        if config.kv_allocation == "uniform":
+            return kv.uniform_kv_plan(layouts, config.kv_ratio, group_size, config.rank_multiple)
+        fisher = self._fisher(analysis, config, progress)
+        costs = {}
+        for (name, role, g), svd in analysis.kv_svds.items():
+            layout = next(l for l in layouts if l.name == name)
+            source = layout.source(role)
+            width = group_size * layout.head_dim
+            rows = fisher[source][layout.rows(role)][g * width : (g + 1) * width]
+            stats = analysis.statistics.get(source)
+            gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
+            costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
+        return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple)
 
     def _strs_sensitivities(self, analysis: "Analysis", config: ASVDConfig, progress) -> dict:
         sample = analysis.windows[: config.sensitivity_samples]

@@ -8,6 +8,7 @@ METHODS = ("svd", "asvd", "whiten")
 ALLOCATIONS = ("uniform", "strs", "fisher")
 DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
+KV_ALLOCATIONS = ("uniform", "fisher")
 
 
 class ASVDConfig(BaseConfig):
@@ -28,6 +29,10 @@ class ASVDConfig(BaseConfig):
         include_lm_head: also compress the output projection (excluded by default).
         calibration: ``None``/``"selfgen"``, a text file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
         calib_samples, seqlen, seed: calibration set shape and seed.
+        kv_ratio: latent KV cache width / dense K+V width, in (0, 1]; ``None`` leaves K/V alone.
+            With ``param_ratio`` too, the weight budget covers the other projections.
+        kv_group_size: KV heads per latent group (``None``: one latent shared by all KV heads).
+        kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
     """
 
     CONFIG_NAME = "asvd_config.json"
@@ -50,6 +55,9 @@ class ASVDConfig(BaseConfig):
         calib_samples: int = 16,
         seqlen: int = 512,
         seed: int = 0,
+        kv_ratio: float | None = None,
+        kv_group_size: int | None = None,
+        kv_allocation: str = "fisher",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -68,6 +76,9 @@ class ASVDConfig(BaseConfig):
         self.calib_samples = calib_samples
         self.seqlen = seqlen
         self.seed = seed
+        self.kv_ratio = kv_ratio
+        self.kv_group_size = kv_group_size
+        self.kv_allocation = kv_allocation
         self.validate()
 
     def validate(self) -> None:
@@ -79,8 +90,14 @@ class ASVDConfig(BaseConfig):
             raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.ppl_target is not None and self.allocation != "strs":
             raise ValueError("ppl_target needs allocation='strs'")
-        if self.param_ratio is None and not self.ranks and self.ppl_target is None:
-            raise ValueError("Give a param_ratio in (0, 1], a ppl_target or an explicit ranks map")
+        if self.param_ratio is None and not self.ranks and self.ppl_target is None and self.kv_ratio is None:
+            raise ValueError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map or a kv_ratio")
+        if self.kv_ratio is not None and not (0.0 < float(self.kv_ratio) <= 1.0):
+            raise ValueError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
+        if self.kv_allocation not in KV_ALLOCATIONS:
+            raise ValueError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
+        if self.kv_group_size is not None and (not isinstance(self.kv_group_size, int) or self.kv_group_size < 1):
+            raise ValueError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
         if self.rank_multiple < 1 or self.sensitivity_samples < 1:
             raise ValueError("rank_multiple and sensitivity_samples must be >= 1")
         if not self.strs_candidates or not all(0.0 < c < 1.0 for c in self.strs_candidates):
@@ -102,6 +119,12 @@ class ASVDConfig(BaseConfig):
         if self.method == "asvd":
             needed.append(self.asvd_statistic)
         # Whitening needs XᵀX; so does the closed-form output error of the fisher allocation.
-        if self.method == "whiten" or (self.allocation == "fisher" and not self.ranks):
+        weights_fisher = self.compresses_weights and self.allocation == "fisher" and not self.ranks
+        kv_fisher = self.kv_ratio is not None and self.kv_allocation == "fisher"
+        if self.method == "whiten" or weights_fisher or kv_fisher:
             needed.append("gram")
         return tuple(needed)
+
+    @property
+    def compresses_weights(self) -> bool:
+        return self.param_ratio is not None or bool(self.ranks) or self.ppl_target is not None

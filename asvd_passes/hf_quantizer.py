@@ -50,8 +50,27 @@ class ASVDHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         ranks = self.quantization_config.ranks
+        kv_data = getattr(self.quantization_config, "kv", None)
+        layouts = kv_plan = None
+        if kv_data:
+            from . import kv
+
+            try:
+                layouts = kv.find_attention_layers(model)
+                kv_plan = kv.KVPlan.from_dict(kv_data, layouts)
+            except (KeyError, TypeError, ValueError) as err:
+                raise CorruptCompressedModelError(f"The saved latent-KV plan does not fit this model: {err}") from err
         if checkpoint_files:
-            check_checkpoint(model, ranks, checkpoint_files)
+            extra = {}
+            if kv_plan is not None:
+                try:
+                    extra = kv.expected_kv_shapes(model, layouts, kv_plan)
+                except ValueError as err:
+                    raise CorruptCompressedModelError(str(err)) from err
+            check_checkpoint(model, ranks, checkpoint_files, extra)
+        # K/V first: the latent attention adopts the dense q/o projections, which the ranks may then factor.
+        if kv_plan is not None:
+            kv.replace_with_empty_latent(model, layouts, kv_plan)
         replace_with_empty_lowrank(model, ranks)
         return model
 
@@ -78,7 +97,7 @@ def expected_factor_shapes(model, ranks: dict[str, int]) -> dict[str, tuple[int,
     return shapes
 
 
-def check_checkpoint(model, ranks: dict[str, int], checkpoint_files) -> None:
+def check_checkpoint(model, ranks: dict[str, int], checkpoint_files, extra: dict | None = None) -> None:
     """Raise :class:`CorruptCompressedModelError` unless the files hold every factor, at its shape."""
     from safetensors import safe_open
 
@@ -94,6 +113,7 @@ def check_checkpoint(model, ranks: dict[str, int], checkpoint_files) -> None:
             raise CorruptCompressedModelError(f"{file} is not a readable safetensors file: {err}") from err
     folder = Path(checkpoint_files[0]).parent
     expected = expected_factor_shapes(model, ranks)
+    expected.update(extra or {})
     missing = sorted(key for key in expected if key not in stored)
     wrong = sorted(
         f"{key}: saved {stored[key]}, config says {shape}"

@@ -45,7 +45,7 @@ class RankPlan:
     @property
     def ratio(self) -> float:
         """Kept / original weight parameters over the selected projections (exact, from real ranks)."""
-        return self.total_kept_params / self.original_params
+        return self.total_kept_params / self.original_params if self.shapes else 1.0
 
     @property
     def factored(self) -> dict[str, int]:

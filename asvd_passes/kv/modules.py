@@ -1,0 +1,173 @@
+"""Modules of a latent-KV attention: the grouped low-rank K/V projection and the attention itself.
+
+``LatentProjection``: ``down`` (hidden → Σ r_g, the cached latent) and one ``up`` per head group
+(r_g → group_size·head_dim), i.e. a block-diagonal ``up`` (Palu's group-head decomposition).
+
+``LatentKVAttention`` replaces a model's attention module and keeps its submodules under their
+own names (``q_proj``, ``o_proj``, ``q_norm``…), so saved weights keep the dense model's keys apart
+from the factored K/V. Per step it projects the new tokens to latents, appends them to the cache,
+rebuilds K and V of every cached token with ``up``, applies the model's own per-head norm and RoPE
+at each token's absolute position, and attends with the model's configured attention function.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .layout import AttentionLayout
+
+
+class LatentProjection(nn.Module):
+    """``x → latent = down(x)`` (cached) and ``latent → up_g(latent_g)`` per head group (rebuilt)."""
+
+    def __init__(self, in_features: int, ranks: list[int], group_width: int, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.ranks = [int(r) for r in ranks]
+        self.group_width = group_width
+        self.down = nn.Linear(in_features, sum(self.ranks), bias=False, dtype=dtype, device=device)
+        self.ups = nn.ModuleList(nn.Linear(r, group_width, bias=bias, dtype=dtype, device=device) for r in self.ranks)
+
+    @property
+    def latent_width(self) -> int:
+        return sum(self.ranks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x)
+
+    def rebuild(self, latent: torch.Tensor) -> torch.Tensor:
+        """(…, Σ r_g) latents → (…, groups·group_width) projected K or V."""
+        if len(self.ups) == 1:
+            return self.ups[0](latent)
+        parts = latent.split(self.ranks, dim=-1)
+        return torch.cat([up(part) for up, part in zip(self.ups, parts)], dim=-1)
+
+    @classmethod
+    def from_factors(cls, factors: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor | None, dtype, device):
+        """``factors``: per group ``(down_g (r_g × in), up_g (group_width × r_g))``; ``bias`` over all groups."""
+        ranks = [down.shape[0] for down, _ in factors]
+        group_width = factors[0][1].shape[0]
+        module = cls(factors[0][0].shape[1], ranks, group_width, bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            module.down.weight.copy_(torch.cat([down for down, _ in factors], dim=0))
+            for g, (_, up) in enumerate(factors):
+                module.ups[g].weight.copy_(up)
+                if bias is not None:
+                    module.ups[g].bias.copy_(bias[g * group_width : (g + 1) * group_width])
+        return module
+
+    def extra_repr(self) -> str:
+        return f"latent={self.latent_width}, groups={len(self.ranks)}, ranks={self.ranks}"
+
+
+def rotary_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's one shared rotary-embedding module (``None`` for models without RoPE)."""
+    found = [m for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding") and ".layers." not in f".{n}."]
+    if len(found) > 1:
+        raise ValueError(f"{type(model).__name__} has {len(found)} rotary embeddings; latent KV supports one")
+    return found[0] if found else None
+
+
+class LatentKVAttention(nn.Module):
+    """Self-attention whose cache holds K/V latents; drop-in for the module it was built from."""
+
+    def __init__(self, dense: nn.Module, layout: AttentionLayout, key: LatentProjection, value: LatentProjection,
+                 query: nn.Module | None = None, rotary: nn.Module | None = None):
+        super().__init__()
+        self.layout = layout
+        self.config = dense.config
+        self.layer_idx = layout.layer_idx
+        self.head_dim = layout.head_dim
+        self.num_heads = layout.heads
+        self.num_key_value_heads = layout.kv_heads
+        self.num_key_value_groups = layout.heads // layout.kv_heads
+        self.scaling = getattr(dense, "scaling", layout.head_dim**-0.5)
+        self.is_causal = True
+        self.attention_dropout = 0.0
+        self.sliding_window = getattr(dense, "sliding_window", getattr(self.config, "sliding_window", None))
+        # Query: the dense module's own q_proj, or the query rows of a fused projection.
+        self.q_proj = query if query is not None else dense.q_proj
+        self.k_proj = key
+        self.v_proj = value
+        setattr(self, layout.output, getattr(dense, layout.output))
+        self.output_name = layout.output
+        for norm in ("q_norm", "k_norm"):
+            if isinstance(getattr(dense, norm, None), nn.Module):
+                setattr(self, norm, getattr(dense, norm))
+        # Shared with the model, not owned: kept out of this module's state dict.
+        self.__dict__["rotary"] = rotary
+        module = sys.modules[type(dense).__module__]
+        self.__dict__["apply_rotary"] = getattr(module, "apply_rotary_pos_emb", None) if rotary is not None else None
+        self.__dict__["eager_attention"] = getattr(module, "eager_attention_forward", None)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        cache = cache if cache is not None else past_key_values
+        kwargs.pop("layer_past", None)
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("use_cache", None)
+        batch, steps, _ = hidden_states.shape
+        query = self.q_proj(hidden_states) if not isinstance(self.q_proj, nn.Identity) else hidden_states
+        key_latent = self.k_proj(hidden_states)
+        value_latent = self.v_proj(hidden_states)
+        if cache is not None:
+            # Stored as (batch, 1, seq, r): the cache layers' sequence axis is -2, one "head" of width r.
+            key_latent, value_latent = cache.update(key_latent[:, None], value_latent[:, None], self.layer_idx)
+            key_latent, value_latent = key_latent[:, 0], value_latent[:, 0]
+        total = key_latent.shape[1]
+        past = total - steps  # what the cache returned besides the new tokens (a sliding window may crop it)
+
+        query = query.view(batch, steps, -1, self.head_dim)
+        key = self.k_proj.rebuild(key_latent).view(batch, total, -1, self.head_dim)
+        value = self.v_proj.rebuild(value_latent).view(batch, total, -1, self.head_dim)
+        if hasattr(self, "q_norm"):
+            query = self.q_norm(query)
+        if hasattr(self, "k_norm"):
+            key = self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+        if self.rotary is not None:
+            query, key = self._rotate(query, key, position_embeddings, position_ids, past, steps, total)
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
+        output, weights = interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs,
+        )
+        output = output.reshape(batch, steps, -1).contiguous()
+        return getattr(self, self.output_name)(output), weights
+
+    def _rotate(self, query, key, position_embeddings, position_ids, past: int, steps: int, total: int):
+        """RoPE on the new queries and on every rebuilt key, each at its absolute position.
+
+        Cached tokens sit at consecutive positions ending just before the first new token (what
+        ``generate`` does, left padding included: pads hold positions that the mask hides anyway).
+        """
+        if position_ids is None:
+            position_ids = torch.arange(past, past + steps, device=query.device)[None]
+        offsets = torch.arange(-past, 0, device=query.device)[None] + position_ids[:, :1]
+        key_positions = torch.cat([offsets, position_ids], dim=1) if past else position_ids
+        if position_embeddings is None:
+            position_embeddings = self.rotary(query, position_ids)
+        cos_q, sin_q = position_embeddings
+        cos_k, sin_k = (cos_q, sin_q) if not past else self.rotary(key, key_positions)
+        # The model's own RoPE (partial rotary included) rotates q and k with one cos/sin; here
+        # they differ in length, so each call rotates one of them (the other output is discarded).
+        query = self.apply_rotary(query, query, cos_q, sin_q)[0]
+        key = self.apply_rotary(key, key, cos_k, sin_k)[1]
+        return query, key
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}, key_latent={self.k_proj.latent_width}, value_latent={self.v_proj.latent_width}"

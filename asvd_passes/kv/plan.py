@@ -1,0 +1,142 @@
+"""KV rank plans: per attention layer, per role (key / value), per head group, the latent rank.
+
+The KV ratio is what the cache saves: Σ latent widths / Σ dense K+V widths, counted exactly from
+the ranks. ``uniform`` gives every group ``floor(ratio·group_width)``; ``fisher`` prices every rank
+of every group with the closed-form loss cost of the weight allocation (discarded whitened
+spectrum × diagonal Fisher of the projection's output) and runs a global greedy over cache width,
+so K and V, and early and late layers, get different ranks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from .layout import AttentionLayout
+
+ROLES = ("key", "value")
+
+
+@dataclass
+class KVPlan:
+    group_size: int
+    widths: dict[str, int]  # attention name -> dense K (= V) width
+    ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # name -> role -> per-group ranks
+
+    def latent_width(self, name: str, role: str) -> int:
+        return sum(self.ranks[name][role])
+
+    @property
+    def dense_width(self) -> int:
+        return 2 * sum(self.widths.values())
+
+    @property
+    def total_latent_width(self) -> int:
+        return sum(self.latent_width(n, r) for n in self.ranks for r in ROLES)
+
+    @property
+    def ratio(self) -> float:
+        return self.total_latent_width / self.dense_width
+
+    def role_ratio(self, role: str) -> float:
+        return sum(self.latent_width(n, role) for n in self.ranks) / sum(self.widths.values())
+
+    def to_dict(self) -> dict:
+        return {"group_size": self.group_size, "layers": {n: {r: list(v) for r, v in roles.items()} for n, roles in self.ranks.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict, layouts: list[AttentionLayout]) -> "KVPlan":
+        widths = {layout.name: layout.kv_width for layout in layouts}
+        return cls(int(data["group_size"]), widths, {n: {r: [int(x) for x in v] for r, v in roles.items()} for n, roles in data["layers"].items()})
+
+
+def resolve_group_size(layouts: list[AttentionLayout], group_size: int | None) -> int:
+    """``None`` means one group of all KV heads; otherwise it must divide every layer's KV heads."""
+    if group_size is None:
+        sizes = {layout.kv_heads for layout in layouts}
+        if len(sizes) != 1:
+            raise ValueError(f"layers have different KV head counts {sorted(sizes)}; give kv_group_size")
+        return sizes.pop()
+    for layout in layouts:
+        layout.groups(group_size)
+    return group_size
+
+
+def _max_rank(layout: AttentionLayout, group_size: int) -> int:
+    return min(group_size * layout.head_dim, layout.hidden)
+
+
+def uniform_kv_plan(layouts: list[AttentionLayout], ratio: float, group_size: int, multiple: int = 1) -> KVPlan:
+    check_ratio(ratio)
+    plan = KVPlan(group_size, {layout.name: layout.kv_width for layout in layouts})
+    for layout in layouts:
+        top = _max_rank(layout, group_size)
+        rank = max(multiple, math.floor(ratio * group_size * layout.head_dim) // multiple * multiple)
+        rank = min(rank, top)
+        plan.ranks[layout.name] = {role: [rank] * layout.groups(group_size) for role in ROLES}
+    return plan
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"kv_ratio must lie in (0, 1], got {ratio}")
+
+
+def greedy_kv_plan(
+    layouts: list[AttentionLayout],
+    costs: dict[tuple[str, str, int], list[float]],
+    ratio: float,
+    group_size: int,
+    multiple: int = 1,
+) -> KVPlan:
+    """Ranks minimising Σ cost subject to Σ latent widths ≤ ratio · Σ dense widths.
+
+    ``costs[(name, role, group)][r]`` is the predicted loss increase of keeping rank r (index up to
+    the group's max rank, where it is 0). Greedy on each curve's lower convex hull by cost per
+    latent column saved; the last move steps down one rank multiple at a time so the achieved
+    width lands within one step of one group of the budget.
+    """
+    check_ratio(ratio)
+    plan = KVPlan(group_size, {layout.name: layout.kv_width for layout in layouts})
+    budget = ratio * plan.dense_width
+    current: dict[tuple[str, str, int], int] = {}
+    grids: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    heap: list[tuple[float, tuple[str, str, int], int]] = []
+    for layout in layouts:
+        top = _max_rank(layout, group_size)
+        for role in ROLES:
+            for g in range(layout.groups(group_size)):
+                key = (layout.name, role, g)
+                curve = costs[key]
+                ranks = [top] + [r for r in range(top - top % multiple, 0, -multiple) if r < top]
+                points, worst = [], 0.0
+                for r in ranks:  # cost may not fall as rank falls
+                    worst = max(worst, float(curve[min(r, len(curve) - 1)]))
+                    points.append((r, worst))
+                grids[key] = points
+                current[key] = top
+                hull: list[tuple[int, float]] = []
+                for point in points:
+                    while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (hull[-2][0] - point[0]) >= (point[1] - hull[-2][1]) * (hull[-2][0] - hull[-1][0]):
+                        hull.pop()
+                    hull.append(point)
+                for (r1, c1), (r2, c2) in zip(hull, hull[1:]):
+                    heapq.heappush(heap, ((c2 - c1) / (r1 - r2), key, r2))
+    kept = float(sum(current.values()))
+    while kept > budget and heap:
+        _, key, target = heapq.heappop(heap)
+        if kept - (current[key] - target) > budget:
+            kept -= current[key] - target
+            current[key] = target
+            continue
+        for rank, _ in grids[key]:
+            if rank < current[key] and kept - (current[key] - rank) <= budget:
+                kept -= current[key] - rank
+                current[key] = rank
+                break
+    for layout in layouts:
+        plan.ranks[layout.name] = {
+            role: [current[(layout.name, role, g)] for g in range(layout.groups(group_size))] for role in ROLES
+        }
+    return plan

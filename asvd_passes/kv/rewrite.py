@@ -1,0 +1,114 @@
+"""The KV pass: scaled SVD of each head group's K/V rows, then swap in ``LatentKVAttention``.
+
+Each group's rows of the K (or V) projection share the projection's input statistics, so the
+same scaling S (identity, ASVD diagonal, or whitening) serves every group; the SVD of W_g·S gives
+``down_g = √Σ·Vᵀ·S⁻¹`` (stacked into one ``down``: the cached latent) and ``up_g = U·√Σ``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..decompose import ScaledSVD
+from ..modules import projection_weight, replace_module
+from ..scaling import Scaling
+from .layout import AttentionLayout
+from .modules import LatentKVAttention, LatentProjection, rotary_embedding
+from .plan import ROLES, KVPlan
+
+GroupKey = tuple[str, str, int]  # (attention name, role, group)
+
+
+def _rows_and_bias(model: nn.Module, layout: AttentionLayout, role: str):
+    source = model.get_submodule(layout.source(role))
+    rows = layout.rows(role)
+    weight = projection_weight(source)[rows]
+    bias = getattr(source, "bias", None)
+    return weight, (bias[rows] if bias is not None else None)
+
+
+def group_svds(
+    model: nn.Module, layouts: list[AttentionLayout], scalings: dict[str, Scaling], group_size: int
+) -> dict[GroupKey, ScaledSVD]:
+    """One scaled SVD per (layer, role, head group); ``scalings`` is keyed by source projection name."""
+    svds = {}
+    for layout in layouts:
+        width = group_size * layout.head_dim
+        for role in ROLES:
+            weight, _ = _rows_and_bias(model, layout, role)
+            scaling = scalings[layout.source(role)]
+            for g in range(layout.groups(group_size)):
+                svds[(layout.name, role, g)] = ScaledSVD.of(weight[g * width : (g + 1) * width], scaling)
+    return svds
+
+
+def _query_module(dense: nn.Module, layout: AttentionLayout) -> nn.Module | None:
+    """For fused projections, the query rows as their own ``nn.Linear``; else ``None`` (keep q_proj)."""
+    if not layout.fused:
+        return None
+    fused = getattr(dense, layout.fused)
+    weight = projection_weight(fused)
+    bias = getattr(fused, "bias", None)
+    query = nn.Linear(layout.hidden, layout.q_width, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        query.weight.copy_(weight[: layout.q_width])
+        if bias is not None:
+            query.bias.copy_(bias[: layout.q_width])
+    return query
+
+
+def apply_kv_plan(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan, svds: dict[GroupKey, ScaledSVD]) -> None:
+    """Replace every planned attention module with a ``LatentKVAttention`` holding the factors."""
+    rotary = rotary_embedding(model)
+    for layout in layouts:
+        dense = model.get_submodule(layout.name)
+        projections = {}
+        for role in ROLES:
+            weight, bias = _rows_and_bias(model, layout, role)
+            factors = [svds[(layout.name, role, g)].factors(rank) for g, rank in enumerate(plan.ranks[layout.name][role])]
+            projections[role] = LatentProjection.from_factors(factors, bias, dtype=weight.dtype, device=weight.device)
+        attention = LatentKVAttention(dense, layout, projections["key"], projections["value"], _query_module(dense, layout), rotary)
+        replace_module(model, layout.name, attention)
+
+
+def replace_with_empty_latent(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan) -> None:
+    """Swap in uninitialised ``LatentKVAttention`` modules of the planned ranks (used on load)."""
+    rotary = rotary_embedding(model)
+    by_name = {layout.name: layout for layout in layouts}
+    for name, roles in plan.ranks.items():
+        if name not in by_name:
+            raise ValueError(f"The saved KV plan names attention {name!r}, which this model does not have")
+        layout = by_name[name]
+        dense = model.get_submodule(name)
+        weight, bias = _rows_and_bias(model, layout, "key")
+        width = plan.group_size * layout.head_dim
+        projections = {
+            role: LatentProjection(layout.hidden, roles[role], width, bias is not None, dtype=weight.dtype, device=weight.device)
+            for role in ROLES
+        }
+        attention = LatentKVAttention(dense, layout, projections["key"], projections["value"], _query_module(dense, layout), rotary)
+        replace_module(model, name, attention)
+
+
+def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes that a saved latent-KV model must hold for its plan."""
+    by_name = {layout.name: layout for layout in layouts}
+    shapes = {}
+    for name, roles in plan.ranks.items():
+        layout = by_name.get(name)
+        if layout is None:
+            raise ValueError(f"The saved KV plan names attention {name!r}, which this model does not have")
+        source = model.get_submodule(layout.source("key"))
+        has_bias = getattr(source, "bias", None) is not None
+        width = plan.group_size * layout.head_dim
+        for role, short in (("key", "k_proj"), ("value", "v_proj")):
+            ranks = roles[role]
+            shapes[f"{name}.{short}.down.weight"] = (sum(ranks), layout.hidden)
+            for g, rank in enumerate(ranks):
+                shapes[f"{name}.{short}.ups.{g}.weight"] = (width, rank)
+                if has_bias:
+                    shapes[f"{name}.{short}.ups.{g}.bias"] = (width,)
+        if layout.fused:
+            shapes[f"{name}.q_proj.weight"] = (layout.q_width, layout.hidden)
+    return shapes

@@ -1,0 +1,140 @@
+"""Latent KV attention on tiny models of every family: exactness at full rank, cache bytes, padding, sampling, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import asvd_passes as ap
+from asvd_passes.kv import LatentCache, LatentKVAttention, cache_nbytes
+
+CALIB = dict(seqlen=16, calib_samples=4)
+
+
+def kv_compress(model, tokens, **config):
+    config.setdefault("method", "whiten")
+    config.setdefault("param_ratio", None)
+    config.setdefault("kv_allocation", "uniform")
+    config = ap.ASVDConfig(**CALIB, **config)
+    return ap.ASVDCompressor(model).compress(config, calibration=tokens(4, 16, seed=9), progress=False)
+
+
+def prefill_and_decode(model, ids, prefill: int, cache=None):
+    """Logits of a prefill of ``prefill`` tokens, then one decode step per remaining token."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    return torch.cat(steps, dim=1), cache
+
+
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_full_rank_latent_reproduces_dense(family, group_size, tiny_model, tokens):
+    dense, model = tiny_model(family), tiny_model(family)
+    report = kv_compress(model, tokens, kv_ratio=1.0, kv_group_size=group_size)
+    assert report.kv["kv_ratio"] == 1.0
+    assert any(isinstance(m, LatentKVAttention) for m in model.modules())
+    ids = tokens(2, 24, seed=1)
+    expected, _ = prefill_and_decode(dense, ids, prefill=8)
+    got, cache = prefill_and_decode(model, ids, prefill=8, cache=LatentCache(config=model.config))  # 16 decode steps
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    # The cache held latents only: (batch, 1, tokens, width) per layer.
+    for layer in cache.layers:
+        assert layer.keys.shape[:3] == (2, 1, 24) and layer.values.shape[:3] == (2, 1, 24)
+
+
+def test_cache_bytes_are_exactly_the_latents(family, tiny_model, tokens):
+    model = tiny_model(family)
+    report = kv_compress(model, tokens, kv_ratio=0.5, kv_allocation="fisher")
+    ranks = report.kv["layers"]
+    batch, length = 3, 11
+    _, cache = prefill_and_decode(model, tokens(batch, length, seed=2), prefill=6)
+    widths = sum(sum(r["key"]) + sum(r["value"]) for r in ranks.values())
+    assert cache_nbytes(cache) == batch * length * widths * 4
+    attentions = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
+    for attention in attentions:  # nothing of full width is kept across steps
+        layer = cache.layers[attention.layer_idx]
+        assert layer.keys.shape[-1] == attention.k_proj.latent_width < attention.layout.kv_width * 2
+        assert layer.values.shape[-1] == attention.v_proj.latent_width
+    # K and V count separately and exactly: the achieved ratio is Σ latent widths / Σ dense widths.
+    dense_width = sum(2 * a.layout.kv_width for a in attentions)
+    assert report.kv["kv_ratio"] == widths / dense_width <= 0.5
+
+
+def test_generate_uses_latent_cache_by_default(tiny_model, tokens):
+    model = tiny_model("llama")
+    kv_compress(model, tokens, kv_ratio=0.5)
+    prompt = tokens(1, 5, seed=3)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, min_new_tokens=4,
+                         do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    latent = sum(sum(r["key"]) + sum(r["value"]) for r in model.config.quantization_config.kv["layers"].values())
+    assert cache_nbytes(out.past_key_values) == (5 + 4 - 1) * latent * 4  # the last token is never fed back
+
+
+def test_greedy_generate_matches_recompute_without_cache(family, tiny_model, tokens):
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=1)
+    prompt = tokens(1, 5, seed=3)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                         do_sample=False, pad_token_id=0)
+    expected = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            following = model(input_ids=expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, following], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_left_padded_batch_equals_unpadded(family, tiny_model, tokens):
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5)
+    rows = [tokens(1, n, seed=4 + i)[0] for i, n in enumerate((9, 5))]
+    width = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - row.numel():] = row
+        mask[i, width - row.numel():] = 1
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for i, row in enumerate(rows):
+        single = model.generate(row[None], attention_mask=torch.ones_like(row[None]), **kwargs)
+        assert torch.equal(batched.sequences[i, width:], single.sequences[0, row.numel():])
+        for step_batched, step_single in zip(batched.scores, single.scores):
+            torch.testing.assert_close(step_batched[i], step_single[0], rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(tiny_model, tokens):
+    model = tiny_model("qwen3")
+    kv_compress(model, tokens, kv_ratio=0.5)
+    prompt = tokens(2, 4, seed=5)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0)
+    torch.manual_seed(7)
+    first = model.generate(prompt, **kwargs)
+    torch.manual_seed(7)
+    second = model.generate(prompt, **kwargs)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_latent_cache(family, dtype, tiny_model, tokens):
+    reference = tiny_model(family)
+    kv_compress(reference, tokens, kv_ratio=0.5)
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5)
+    model = model.to(dtype)
+    ids = tokens(2, 10, seed=6)
+    got, cache = prefill_and_decode(model, ids, prefill=6)
+    expected, _ = prefill_and_decode(reference, ids, prefill=6)
+    assert got.dtype == dtype and all(layer.keys.dtype == dtype for layer in cache.layers)
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=0.1)
+
+
+def test_latent_cache_refuses_full_width_states():
+    cache = LatentCache()
+    with pytest.raises(ValueError, match="latents"):
+        cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
