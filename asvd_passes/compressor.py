@@ -236,7 +236,14 @@ class ASVDCompressor(OptimumQuantizer):
                 name: build_scaling(config.method, statistics.get(name), config.alpha, config.asvd_statistic)
                 for name in kv_sources
             }
-            kv_svds = kv.group_svds(model, layouts, scalings, group_size)
+            grams = None
+            if config.kv_output_metric:  # the key metric needs the input Gram; without it only V is weighted
+                grams = {
+                    name: statistics[name].gram / statistics[name].count
+                    for name in kv_sources
+                    if name in statistics and statistics[name].gram is not None
+                }
+            kv_svds = kv.group_svds(model, layouts, scalings, group_size, grams)
         seconds["decompose"] = time.perf_counter() - tick
         source = config.calibration if calibration is None else calibration
         return Analysis(

@@ -33,6 +33,8 @@ class ASVDConfig(BaseConfig):
             With ``param_ratio`` too, the weight budget covers the other projections.
         kv_group_size: KV heads per latent group (``None``: one latent shared by all KV heads).
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
+        kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
+            for V) in the decomposition; ``False`` gives the plain scaled SVD of each group.
     """
 
     CONFIG_NAME = "asvd_config.json"
@@ -58,6 +60,7 @@ class ASVDConfig(BaseConfig):
         kv_ratio: float | None = None,
         kv_group_size: int | None = None,
         kv_allocation: str = "fisher",
+        kv_output_metric: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -79,6 +82,7 @@ class ASVDConfig(BaseConfig):
         self.kv_ratio = kv_ratio
         self.kv_group_size = kv_group_size
         self.kv_allocation = kv_allocation
+        self.kv_output_metric = kv_output_metric
         self.validate()
 
     def validate(self) -> None:

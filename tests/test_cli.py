@@ -94,3 +94,20 @@ def test_optimum_cli_plugin_exposes_compress():
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--out", "--method", "--param-ratio", "--calib", "--allocation"):
         assert flag in result.stdout
+
+
+def test_kv_compress_then_inspect_json(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    result = run("compress", str(tiny_folder), "--out", str(out), "--kv-ratio", "0.5", "--kv-group-size", "1",
+                 "--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "2", "--seqlen", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "K=" in result.stdout and "V=" in result.stdout and "latent KV cache" in result.stdout
+    assert "q_proj=" not in result.stdout  # --kv-ratio alone leaves the other projections dense
+    inspected = run("inspect", str(out), "--json")
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    info = json.loads(inspected.stdout.strip().splitlines()[-1])
+    assert set(info) >= {"param_ratio", "kv_ratio", "kv_bytes_per_token", "dense_kv_bytes_per_token", "ranks", "kv_ranks"}
+    assert info["dense_kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 4  # 2 layers × K,V × 2 heads × 8 dims × fp32
+    assert info["kv_bytes_per_token"] <= info["dense_kv_bytes_per_token"] // 2 and info["param_ratio"] == 1.0
+    widths = sum(sum(r["key"]) + sum(r["value"]) for r in info["kv_ranks"].values())
+    assert info["kv_bytes_per_token"] == widths * 4

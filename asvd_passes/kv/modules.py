@@ -131,12 +131,16 @@ class LatentKVAttention(nn.Module):
 
         query = query.view(batch, steps, -1, self.head_dim)
         key = self.k_proj.rebuild(key_latent).view(batch, total, -1, self.head_dim)
-        value = self.v_proj.rebuild(value_latent).view(batch, total, -1, self.head_dim)
         if hasattr(self, "q_norm"):
             query = self.q_norm(query)
         if hasattr(self, "k_norm"):
             key = self.k_norm(key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        fold = self.fold_value(steps, total)
+        if fold:  # attend over the V latent itself; V's up is applied to the attention output below
+            value = self._value_latent_per_head(value_latent)
+        else:
+            value = self.v_proj.rebuild(value_latent).view(batch, total, -1, self.head_dim).transpose(1, 2)
 
         if self.rotary is not None:
             query, key = self._rotate(query, key, position_embeddings, position_ids, past, steps, total)
@@ -146,8 +150,53 @@ class LatentKVAttention(nn.Module):
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
             sliding_window=self.sliding_window, **kwargs,
         )
+        if fold:
+            output = self._value_up(output)
         output = output.reshape(batch, steps, -1).contiguous()
         return getattr(self, self.output_name)(output), weights
+
+    # -- V folding -------------------------------------------------------------------------------
+    # V carries no position information (RoPE and the per-head norms touch Q and K only), so
+    # softmax(QKᵀ)·(L·Uᵀ + b) = (softmax(QKᵀ)·L)·Uᵀ + b: attention can run over the latent L and
+    # apply V's up afterwards, per query head. That skips rebuilding V for every cached token.
+
+    fold_policy = "auto"  # "auto": fold when it needs fewer multiply-adds; "always"; "never"
+
+    def fold_value(self, steps: int, total: int) -> bool:
+        """Whether to attend over the V latent: it needs equal ranks across head groups, and (auto) fewer MACs.
+
+        Per layer and step, rebuilding V costs total·r·kv_width (up) + heads·steps·total·head_dim (P·V);
+        folding costs heads·steps·total·r_g (P·L) + heads·steps·r_g·head_dim (up on the output).
+        For decoding (steps = 1) folding wins whenever r_g < kv_width·total/(heads·(total+head_dim))…
+        roughly always; for a long prefill rebuilding is cheaper.
+        """
+        ranks = self.v_proj.ranks
+        if self.fold_policy == "never" or len(set(ranks)) != 1:
+            return False
+        if self.fold_policy == "always":
+            return True
+        r, heads, kv_width = ranks[0], self.num_heads, self.layout.kv_width
+        rebuild = total * sum(ranks) * self.v_proj.group_width + heads * steps * total * self.head_dim
+        folded = heads * steps * total * r + heads * steps * r * self.head_dim
+        return folded < rebuild
+
+    def _value_latent_per_head(self, latent: torch.Tensor) -> torch.Tensor:
+        """(batch, total, Σr) → (batch, kv_heads, total, r_g): each KV head sees its group's latent."""
+        batch, total, _ = latent.shape
+        groups = len(self.v_proj.ranks)
+        per_group = latent.view(batch, total, groups, -1).transpose(1, 2)
+        return per_group.repeat_interleave(self.num_key_value_heads // groups, dim=1)
+
+    def _value_up(self, output: torch.Tensor) -> torch.Tensor:
+        """(batch, steps, heads, r_g) attention over latents → (batch, steps, heads, head_dim) values."""
+        up = torch.cat([u.weight for u in self.v_proj.ups], dim=0)  # (kv_width, r_g), groups stacked
+        per_kv_head = up.view(self.num_key_value_heads, self.head_dim, -1)
+        per_head = per_kv_head.repeat_interleave(self.num_key_value_groups, dim=0)  # (heads, head_dim, r_g)
+        result = torch.einsum("bshr,hdr->bshd", output, per_head)
+        if self.v_proj.ups[0].bias is not None:
+            bias = torch.cat([u.bias for u in self.v_proj.ups]).view(self.num_key_value_heads, self.head_dim)
+            result = result + bias.repeat_interleave(self.num_key_value_groups, dim=0)
+        return result
 
     def _rotate(self, query, key, position_embeddings, position_ids, past: int, steps: int, total: int):
         """RoPE on the new queries and on every rebuilt key, each at its absolute position.

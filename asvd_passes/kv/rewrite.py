@@ -14,6 +14,7 @@ from ..decompose import ScaledSVD
 from ..modules import projection_weight, replace_module
 from ..scaling import Scaling
 from .layout import AttentionLayout
+from .metrics import head_metrics, root_and_inverse
 from .modules import LatentKVAttention, LatentProjection, rotary_embedding
 from .plan import ROLES, KVPlan
 
@@ -29,17 +30,32 @@ def _rows_and_bias(model: nn.Module, layout: AttentionLayout, role: str):
 
 
 def group_svds(
-    model: nn.Module, layouts: list[AttentionLayout], scalings: dict[str, Scaling], group_size: int
+    model: nn.Module,
+    layouts: list[AttentionLayout],
+    scalings: dict[str, Scaling],
+    group_size: int,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> dict[GroupKey, ScaledSVD]:
-    """One scaled SVD per (layer, role, head group); ``scalings`` is keyed by source projection name."""
+    """One scaled SVD per (layer, role, head group); ``scalings`` and ``grams`` are keyed by source projection.
+
+    With ``grams`` (input XᵀX/n), each group's rows are also weighted on the output side by the
+    metric through which the layer reads them (see :mod:`.metrics`): SVD of M^½·W_g·S, up = M^-½·U·√Σ.
+    """
     svds = {}
     for layout in layouts:
         width = group_size * layout.head_dim
         for role in ROLES:
             weight, _ = _rows_and_bias(model, layout, role)
             scaling = scalings[layout.source(role)]
+            metrics = head_metrics(model, layout, role, (grams or {}).get(layout.source(role))) if grams is not None else None
             for g in range(layout.groups(group_size)):
-                svds[(layout.name, role, g)] = ScaledSVD.of(weight[g * width : (g + 1) * width], scaling)
+                rows = weight[g * width : (g + 1) * width].detach().double()
+                if metrics is None:
+                    svds[(layout.name, role, g)] = ScaledSVD.of(rows, scaling)
+                    continue
+                root, inverse = root_and_inverse(torch.block_diag(*metrics[g * group_size : (g + 1) * group_size]))
+                svd = ScaledSVD.of(root @ rows, scaling)
+                svds[(layout.name, role, g)] = ScaledSVD(inverse @ svd.u, svd.sigma, svd.vh, svd.scaling)
     return svds
 
 

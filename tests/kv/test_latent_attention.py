@@ -138,3 +138,23 @@ def test_latent_cache_refuses_full_width_states():
     cache = LatentCache()
     with pytest.raises(ValueError, match="latents"):
         cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+
+
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_folding_value_up_into_the_output_changes_nothing(family, group_size, tiny_model, tokens, monkeypatch):
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=group_size)
+    ids = tokens(2, 14, seed=8)
+    results = {}
+    for policy in ("never", "always"):
+        monkeypatch.setattr(LatentKVAttention, "fold_policy", policy)
+        results[policy], _ = prefill_and_decode(model, ids, prefill=8)
+    torch.testing.assert_close(results["always"], results["never"], rtol=0, atol=1e-5)
+
+
+def test_fold_is_chosen_for_decoding_not_for_long_prefill(tiny_model, tokens):
+    model = tiny_model("llama")
+    kv_compress(model, tokens, kv_ratio=0.5)
+    attention = next(m for m in model.modules() if isinstance(m, LatentKVAttention))
+    assert attention.fold_value(steps=1, total=512)
+    assert not attention.fold_value(steps=512, total=512)
