@@ -1,4 +1,4 @@
-"""``asvd`` command line: ``asvd compress``, ``asvd eval`` and ``asvd inspect``."""
+"""``asvd`` command line: ``compress``, ``eval``, ``inspect``, ``export onnx`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,61 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from exporters import export_onnx
+
+    metadata = export_onnx(None if args.model == "default" else args.model, args.out, opset=args.opset,
+                           dtype=args.dtype, device=args.device, fold_value=args.fold_value)
+    print(f"exported a {metadata.kind}-cache model ({metadata.num_layers} layers, opset {metadata.opset}, "
+          f"{metadata.dtype}) to {args.out}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """ONNX folder → ONNX Runtime; model folder → PyTorch (so both can be compared from the shell)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(args.path)
+    if (path / "model.onnx").is_file():
+        import numpy as np
+
+        from exporters import ORTCausalLM
+
+        runtime = ORTCausalLM(path, provider=args.provider)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = np.asarray(tokenizer(args.prompt)["input_ids"], dtype=np.int64)[None]
+        printed = []
+
+        def stream(token):
+            printed.append(int(token[0]))
+            if args.stream:
+                print(tokenizer.decode(printed[-1:]), end="", flush=True)
+
+        out = runtime.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                               seed=args.seed, streamer=stream)
+        new = out[0, ids.shape[1]:]
+    else:
+        import torch
+
+        from .models import load_model_and_tokenizer
+
+        if args.provider != "cpu":
+            raise ValueError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
+        model, tokenizer = load_model_and_tokenizer(None if args.path == "default" else args.path)
+        ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+        torch.manual_seed(args.seed)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=not args.greedy, top_k=0, pad_token_id=tokenizer.pad_token_id or 0)
+        new = out[0, ids.shape[1]:]
+    if args.stream:
+        print()  # the tokens are already on screen
+    else:
+        print(tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -158,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=run_inspect)
+
+    export = commands.add_parser("export", help="export a compressed (or dense) model")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="ONNX with the (latent) KV cache as explicit inputs/outputs")
+    onnx.add_argument("model", help="a folder that compress wrote, or a dense model folder ('default': embedded)")
+    onnx.add_argument("--out", required=True, help="output folder (written atomically)")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    onnx.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the export traces on")
+    onnx.add_argument("--fold-value", choices=["always", "never"], default="always",
+                      help="attend over the V latent then apply V's up (always), or rebuild V (never)")
+    onnx.set_defaults(run=run_export)
+
+    generate = commands.add_parser("generate", help="generate text with ONNX Runtime (ONNX folder) or PyTorch")
+    generate.add_argument("path", help="ONNX folder (ORT) or model folder (PyTorch; 'default': embedded)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they come (ONNX)")
+    generate.set_defaults(run=run_generate)
     return parser
 
 
@@ -167,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = None
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         print(f"asvd: error: {err}", file=sys.stderr)
         return 2
 

@@ -111,3 +111,26 @@ def test_kv_compress_then_inspect_json(tiny_folder, tmp_path):
     assert info["kv_bytes_per_token"] <= info["dense_kv_bytes_per_token"] // 2 and info["param_ratio"] == 1.0
     widths = sum(sum(r["key"]) + sum(r["value"]) for r in info["kv_ranks"].values())
     assert info["kv_bytes_per_token"] == widths * 4
+
+
+def test_export_onnx_then_generate_matches_pytorch(tiny_folder, tmp_path):
+    compressed, onnx_dir = tmp_path / "compressed", tmp_path / "onnx"
+    result = run("compress", str(tiny_folder), "--out", str(compressed), "--param-ratio", "0.9", "--kv-ratio", "0.5",
+                 "--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "2", "--seqlen", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = run("export", "onnx", str(compressed), "--out", str(onnx_dir))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (onnx_dir / "model.onnx").is_file() and (onnx_dir / "asvd_onnx.json").is_file()
+    texts = {}
+    for path in (onnx_dir, compressed):
+        generated = run("generate", str(path), "--prompt", "The tower is", "--max-new-tokens", "12", "--greedy")
+        assert generated.returncode == 0, generated.stderr[-2000:]
+        texts[path] = generated.stdout.strip().splitlines()[-1] if generated.stdout.strip() else ""
+    assert texts[onnx_dir] == texts[compressed]
+    missing = run("generate", str(onnx_dir), "--prompt", "x", "--provider", "cuda")
+    if "CUDAExecutionProvider" not in missing.stderr or missing.returncode == 0:
+        pytest.skip("a CUDA provider is present")
+    assert missing.returncode == 2 and "not available" in missing.stderr
+    (tmp_path / "nope").mkdir()  # a folder with no model in it
+    bad = run("export", "onnx", str(tmp_path / "nope"), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()

@@ -93,3 +93,21 @@ def test_full_rank_rewrite_keeps_dense_perplexity():
     compressor.compress(config, progress=False)
     full = perplexity(compressor.model, compressor.tokenizer, str(TEST_SPLIT), 512, 10, progress=False)
     assert abs(full["ppl"] - dense["ppl"]) / dense["ppl"] < 1e-3, (dense, full)
+
+
+def test_latent_kv_half_cache(tmp_path):
+    """Issue bar: --kv-ratio 0.5 --method whiten (default KV allocation) stays under perplexity 36 and
+    the cache measured after a real forward holds exactly half the dense bytes per token."""
+    _require_data()
+    out = tmp_path / "smollm2-kv-05"
+    stdout = asvd(
+        "compress", "--out", str(out), "--method", "whiten", "--kv-ratio", "0.5",
+        "--calib", str(VALID_SPLIT), "--calib-samples", "16", "--seqlen", "512", "--seed", "0",
+    )
+    assert "latent KV cache: ratio 0.5000" in stdout
+    info = json.loads(asvd("inspect", str(out), "--json").strip().splitlines()[-1])
+    assert info["dense_kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4  # 30 layers, K+V, 3 KV heads of 64, fp32
+    assert info["kv_bytes_per_token"] * 2 == info["dense_kv_bytes_per_token"]
+    assert info["param_ratio"] == 1.0 and info["kv_ratio"] == 0.5
+    result = eval_json(str(out), 30)
+    assert result["ppl"] <= 36.0, result
