@@ -34,6 +34,12 @@ def build_variants(args, workdir: Path) -> dict[str, Path]:
     from exporters import export_onnx
 
     variants = {}
+    if args.reuse and (workdir / "dense" / "model.onnx").is_file():  # exports of an earlier run of this script
+        for folder in sorted(workdir.iterdir()):
+            if (folder / "model.onnx").is_file():
+                label = "dense" if folder.name == "dense" else folder.name.replace("latent_G", "latent G=").replace("_(rebuild", " (rebuild")
+                variants[label] = folder
+        return dict(sorted(variants.items(), key=lambda item: item[0] != "dense"))
     calibration = str(DATA / "wiki.valid.tokens") if DATA.is_dir() else "selfgen"
 
     def fresh():
@@ -110,6 +116,8 @@ def main() -> int:
     parser.add_argument("--random-llama2-7b", action="store_true")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--reuse", action="store_true", help="time the exports already in --workdir")
+    parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_runtime"))
     args = parser.parse_args()
 
@@ -117,6 +125,8 @@ def main() -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="asvd-onnx-bench-"))
     variants = build_variants(args, workdir)
+    if args.export_only:
+        return 0
     runtimes = {label: ORTCausalLM(folder, provider=args.provider, threads=args.threads) for label, folder in variants.items()}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
