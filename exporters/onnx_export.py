@@ -65,14 +65,6 @@ class ExportMetadata:
         data["cache"] = [CacheEntry(**entry) for entry in data["cache"]]
         return cls(**data)
 
-    def cache_bytes_per_token(self, element_size: int) -> int:
-        """Bytes the cache grows by per token and sequence (from the fixed dims of every entry)."""
-        total = 0
-        for entry in self.cache:
-            width = entry.fixed.get("width") or entry.fixed["heads"] * entry.fixed["head_dim"]
-            total += width * element_size
-        return total
-
 
 def _latent_attentions(model: nn.Module):
     from asvd_passes.kv import LatentKVAttention
@@ -242,9 +234,8 @@ def export_onnx(
         )
         program.save(str(staging / MODEL_FILE), external_data=_needs_external_data(model))
         proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
-        for key, value in (("asvd_onnx", metadata.to_json()),):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "asvd_onnx", metadata.to_json()
         onnx.save(proto, str(staging / MODEL_FILE))
         onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
         (staging / METADATA_FILE).write_text(metadata.to_json())

@@ -174,6 +174,3 @@ class ORTCausalLM:
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         return np.array([rng.choice(probs.shape[1], p=row) for row in probs])
-
-    def cache_nbytes(self, past: list) -> int:
-        return int(sum(np.asarray(p.numpy() if hasattr(p, "numpy") and not isinstance(p, np.ndarray) else p).nbytes for p in past))

@@ -13,6 +13,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
+from ..allocation.budget import _lower_hull
 from .layout import AttentionLayout
 
 ROLES = ("key", "value")
@@ -116,12 +117,9 @@ def greedy_kv_plan(
                     points.append((r, worst))
                 grids[key] = points
                 current[key] = top
-                hull: list[tuple[int, float]] = []
-                for point in points:
-                    while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (hull[-2][0] - point[0]) >= (point[1] - hull[-2][1]) * (hull[-2][0] - hull[-1][0]):
-                        hull.pop()
-                    hull.append(point)
-                for (r1, c1), (r2, c2) in zip(hull, hull[1:]):
+                # Same hull as the weight budget's, with the rank itself as the size.
+                hull = _lower_hull([(r, c, r) for r, c in points])
+                for (r1, c1, _), (r2, c2, _) in zip(hull, hull[1:]):
                     heapq.heappush(heap, ((c2 - c1) / (r1 - r2), key, r2))
     kept = float(sum(current.values()))
     while kept > budget and heap:
