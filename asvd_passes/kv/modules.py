@@ -41,6 +41,14 @@ class LatentProjection(nn.Module):
         """(…, Σ r_g) latents → (…, groups·group_width) projected K or V."""
         if len(self.ups) == 1:
             return self.ups[0](latent)
+        if len(set(self.ranks)) == 1:  # equal ranks: all groups in one batched matmul, no split/cat
+            groups, rank = len(self.ranks), self.ranks[0]
+            per_group = latent.reshape(-1, groups, rank).transpose(0, 1)  # (groups, tokens, r)
+            up = torch.stack([u.weight for u in self.ups]).transpose(1, 2)  # (groups, r, width)
+            rebuilt = torch.bmm(per_group, up).transpose(0, 1)  # (tokens, groups, width)
+            if self.ups[0].bias is not None:
+                rebuilt = rebuilt + torch.stack([u.bias for u in self.ups])
+            return rebuilt.reshape(*latent.shape[:-1], groups * self.group_width)
         parts = latent.split(self.ranks, dim=-1)
         return torch.cat([up(part) for up, part in zip(self.ups, parts)], dim=-1)
 
@@ -70,11 +78,34 @@ def rotary_embedding(model: nn.Module) -> nn.Module | None:
     return found[0] if found else None
 
 
+class KeyPositionEmbeddings:
+    """cos/sin at the positions of every cached key, computed once per forward for all layers.
+
+    The model computes the new tokens' cos/sin once and hands the same tensors to every layer; the
+    rebuilt keys also need them at the cached positions. Keyed on the identity of the model's
+    tensors (held, so the identity cannot be reused), the first layer computes them and the other
+    layers of the same forward reuse them: one sin/cos over the context per step, not one per layer.
+    """
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary = rotary
+        self._last: tuple | None = None  # (query cos, past, key cos/sin)
+
+    def __call__(self, like: torch.Tensor, key_positions: torch.Tensor, query_cos: torch.Tensor, past: int):
+        last = self._last
+        if last is not None and last[0] is query_cos and last[1] == past:
+            return last[2]
+        embeddings = self.rotary(like, key_positions)
+        self._last = (query_cos, past, embeddings)
+        return embeddings
+
+
 class LatentKVAttention(nn.Module):
     """Self-attention whose cache holds K/V latents; drop-in for the module it was built from."""
 
     def __init__(self, dense: nn.Module, layout: AttentionLayout, key: LatentProjection, value: LatentProjection,
-                 query: nn.Module | None = None, rotary: nn.Module | None = None):
+                 query: nn.Module | None = None, rotary: nn.Module | None = None,
+                 key_embeddings: KeyPositionEmbeddings | None = None):
         super().__init__()
         self.layout = layout
         self.config = dense.config
@@ -98,6 +129,7 @@ class LatentKVAttention(nn.Module):
                 setattr(self, norm, getattr(dense, norm))
         # Shared with the model, not owned: kept out of this module's state dict.
         self.__dict__["rotary"] = rotary
+        self.__dict__["key_embeddings"] = key_embeddings or (KeyPositionEmbeddings(rotary) if rotary is not None else None)
         module = sys.modules[type(dense).__module__]
         self.__dict__["apply_rotary"] = getattr(module, "apply_rotary_pos_emb", None) if rotary is not None else None
         self.__dict__["eager_attention"] = getattr(module, "eager_attention_forward", None)
@@ -185,7 +217,9 @@ class LatentKVAttention(nn.Module):
         batch, total, _ = latent.shape
         groups = len(self.v_proj.ranks)
         per_group = latent.view(batch, total, groups, -1).transpose(1, 2)
-        return per_group.repeat_interleave(self.num_key_value_heads // groups, dim=1)
+        if groups == 1:  # one latent for all KV heads: a view, no copy of the context
+            return per_group.expand(batch, self.num_key_value_heads, total, per_group.shape[-1])
+        return per_group.repeat_interleave(self.num_key_value_heads // groups, dim=1) if groups < self.num_key_value_heads else per_group
 
     def _value_up(self, output: torch.Tensor) -> torch.Tensor:
         """(batch, steps, heads, r_g) attention over latents → (batch, steps, heads, head_dim) values."""
@@ -211,11 +245,14 @@ class LatentKVAttention(nn.Module):
         if position_embeddings is None:
             position_embeddings = self.rotary(query, position_ids)
         cos_q, sin_q = position_embeddings
-        cos_k, sin_k = (cos_q, sin_q) if not past else self.rotary(key, key_positions)
+        if not past:
+            return self.apply_rotary(query, key, cos_q, sin_q)
+        cos_k, sin_k = self.key_embeddings(key, key_positions, cos_q, past)
         # The model's own RoPE (partial rotary included) rotates q and k with one cos/sin; here
-        # they differ in length, so each call rotates one of them (the other output is discarded).
-        query = self.apply_rotary(query, query, cos_q, sin_q)[0]
-        key = self.apply_rotary(key, key, cos_k, sin_k)[1]
+        # they differ in length, so each call rotates one of them. The other argument is a
+        # one-head slice of the right length (partial rotary concatenates it back), discarded.
+        query = self.apply_rotary(query, query[:, :1], cos_q, sin_q)[0]
+        key = self.apply_rotary(key[:, :1], key, cos_k, sin_k)[1]
         return query, key
 
     def extra_repr(self) -> str:

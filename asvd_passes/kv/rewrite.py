@@ -15,7 +15,7 @@ from ..modules import projection_weight, replace_module
 from ..scaling import Scaling
 from .layout import AttentionLayout
 from .metrics import head_metrics, root_and_inverse
-from .modules import LatentKVAttention, LatentProjection, rotary_embedding
+from .modules import KeyPositionEmbeddings, LatentKVAttention, LatentProjection, rotary_embedding
 from .plan import ROLES, KVPlan
 
 GroupKey = tuple[str, str, int]  # (attention name, role, group)
@@ -74,37 +74,54 @@ def _query_module(dense: nn.Module, layout: AttentionLayout) -> nn.Module | None
     return query
 
 
+def _install(model: nn.Module, built) -> None:
+    """Swap in a ``LatentKVAttention`` for each ``(layout, {role: LatentProjection})`` that ``built`` yields.
+
+    ``built`` is consumed lazily, so each layer's projections are made from its dense weights just
+    before that layer is replaced. All layers share one ``KeyPositionEmbeddings``.
+    """
+    rotary = rotary_embedding(model)
+    key_embeddings = KeyPositionEmbeddings(rotary) if rotary is not None else None
+    for layout, projections in built:
+        dense = model.get_submodule(layout.name)
+        attention = LatentKVAttention(dense, layout, projections["key"], projections["value"],
+                                      _query_module(dense, layout), rotary, key_embeddings)
+        replace_module(model, layout.name, attention)
+
+
 def apply_kv_plan(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan, svds: dict[GroupKey, ScaledSVD]) -> None:
     """Replace every planned attention module with a ``LatentKVAttention`` holding the factors."""
-    rotary = rotary_embedding(model)
-    for layout in layouts:
-        dense = model.get_submodule(layout.name)
-        projections = {}
-        for role in ROLES:
-            weight, bias = _rows_and_bias(model, layout, role)
-            factors = [svds[(layout.name, role, g)].factors(rank) for g, rank in enumerate(plan.ranks[layout.name][role])]
-            projections[role] = LatentProjection.from_factors(factors, bias, dtype=weight.dtype, device=weight.device)
-        attention = LatentKVAttention(dense, layout, projections["key"], projections["value"], _query_module(dense, layout), rotary)
-        replace_module(model, layout.name, attention)
+
+    def built():
+        for layout in layouts:
+            projections = {}
+            for role in ROLES:
+                weight, bias = _rows_and_bias(model, layout, role)
+                factors = [svds[(layout.name, role, g)].factors(rank) for g, rank in enumerate(plan.ranks[layout.name][role])]
+                projections[role] = LatentProjection.from_factors(factors, bias, dtype=weight.dtype, device=weight.device)
+            yield layout, projections
+
+    _install(model, built())
 
 
 def replace_with_empty_latent(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan) -> None:
     """Swap in uninitialised ``LatentKVAttention`` modules of the planned ranks (used on load)."""
-    rotary = rotary_embedding(model)
     by_name = {layout.name: layout for layout in layouts}
-    for name, roles in plan.ranks.items():
-        if name not in by_name:
-            raise ValueError(f"The saved KV plan names attention {name!r}, which this model does not have")
-        layout = by_name[name]
-        dense = model.get_submodule(name)
-        weight, bias = _rows_and_bias(model, layout, "key")
-        width = plan.group_size * layout.head_dim
-        projections = {
-            role: LatentProjection(layout.hidden, roles[role], width, bias is not None, dtype=weight.dtype, device=weight.device)
-            for role in ROLES
-        }
-        attention = LatentKVAttention(dense, layout, projections["key"], projections["value"], _query_module(dense, layout), rotary)
-        replace_module(model, name, attention)
+    unknown = [name for name in plan.ranks if name not in by_name]
+    if unknown:
+        raise ValueError(f"The saved KV plan names attention {unknown[0]!r}, which this model does not have")
+
+    def built():
+        for name, roles in plan.ranks.items():
+            layout = by_name[name]
+            weight, bias = _rows_and_bias(model, layout, "key")
+            width = plan.group_size * layout.head_dim
+            yield layout, {
+                role: LatentProjection(layout.hidden, roles[role], width, bias is not None, dtype=weight.dtype, device=weight.device)
+                for role in ROLES
+            }
+
+    _install(model, built())
 
 
 def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan) -> dict[str, tuple[int, ...]]:
