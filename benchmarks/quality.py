@@ -9,6 +9,7 @@ costs: the analysis stages plus its allocation (sensitivities included), not cou
 times include that gram cost too: an upper bound.) STRS probes are cached on disk (``~/.cache/asvd_passes/sensitivities``).
 
     python benchmarks/quality.py            # writes benchmarks/results/quality.{md,json,png}
+    python benchmarks/quality.py --render LOG   # the same files from the rows a run printed (a cut-off run too)
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    parser.add_argument("--render", default=None, help="write the outputs from the JSON rows printed in this log")
     args = parser.parse_args()
+    if args.render:
+        dense, rows = rows_from_log(Path(args.render))
+        write_outputs(args, dense, rows)
+        return 0
 
     from asvd_passes import ASVDCompressor, ASVDConfig, perplexity
     from asvd_passes.modules import replace_module
@@ -52,6 +58,7 @@ def main() -> int:
     model, tokenizer = compressor.model, compressor.tokenizer
     dense = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
     print(f"dense ppl {dense['ppl']:.3f}", flush=True)
+    print(json.dumps(dict(dense=dense)), flush=True)
     rows = [dict(method="dense", allocation="-", ratio=1.0, achieved=1.0, model_ratio=1.0, ppl=dense["ppl"], seconds=0.0)]
     strs_methods = [m for m in args.strs_methods.split(",") if m]
 
@@ -79,25 +86,48 @@ def main() -> int:
                     replace_module(model, name, module)
                 del model.config.quantization_config
 
+    write_outputs(args, dense, rows)
+    return 0
+
+
+def rows_from_log(log: Path) -> tuple[dict, list[dict]]:
+    """The dense result and the rows from a run's stdout (``dense ppl X`` and one JSON object per row)."""
+    dense, rows = None, []
+    for line in log.read_text().splitlines():
+        if line.startswith('{"dense"'):
+            dense = json.loads(line)["dense"]
+        elif line.startswith("dense ppl ") and dense is None:  # logs from before the dense JSON line
+            dense = dict(ppl=float(line.split()[2]), seqlen=None, windows=None, tokens=None)
+        elif line.startswith('{"method"'):
+            rows.append(json.loads(line))
+    if dense is None or not rows:
+        raise SystemExit(f"{log}: no dense result or no rows")
+    rows.insert(0, dict(method="dense", allocation="-", ratio=1.0, achieved=1.0, model_ratio=1.0, ppl=dense["ppl"], seconds=0.0))
+    return dense, rows
+
+
+def write_outputs(args, dense: dict, rows: list[dict]) -> None:
+    windows = dense["windows"] or args.windows
+    tokens = dense["tokens"] or windows * (args.seqlen - 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(dense=dense, rows=rows), indent=2))
     lines = [
         f"SmolLM2-135M-Instruct, fp32, CPU (2 cores). Perplexity: WikiText-2 test, seqlen {args.seqlen}, "
-        f"{dense['windows']} windows ({dense['tokens']} tokens). Calibration: 16×{args.seqlen} validation windows, seed 0; "
+        f"{windows} windows ({tokens} tokens). Calibration: 16×{args.seqlen} validation windows, seed 0; "
         f"sensitivities on the first windows of them (fisher: 4, strs: {args.strs_samples}).",
         "",
-        "| method | allocation | requested ratio | achieved ratio | whole-model ratio | perplexity | compression s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | allocation | requested ratio | achieved ratio | whole-model ratio | perplexity | compression s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['method']} | {row['allocation']} | {row['ratio']:.2f} | {row['achieved']:.4f} | "
-                     f"{row['model_ratio']:.4f} | {row['ppl']:.2f} | {row['seconds']:.0f} |")
-    lines.append(f"\nPeak RSS of the whole sweep process: {peak_rss_mib():.0f} MiB.")
+                     f"{row['model_ratio']:.4f} | {row['ppl']:.2f} | {row['seconds']:.0f} | {row.get('peak_rss_mib', 0):.0f} |")
+    lines.append("\nPeak RSS is the sweep process's maximum so far (it holds the dense model, the analysis and"
+                 " one compressed copy), not the cost of one `asvd compress` alone.")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows, dense["ppl"], out.with_suffix(".png"))
-    return 0
 
 
 def plot(rows, dense_ppl, path):
