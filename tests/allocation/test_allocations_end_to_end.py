@@ -75,3 +75,30 @@ def test_unknown_allocation_and_misused_ppl_target():
         ap.ASVDConfig(allocation="magic")
     with pytest.raises(ValueError, match="ppl_target"):
         ap.ASVDConfig(allocation="fisher", ppl_target=30.0)
+
+
+def test_sensitivity_time_is_charged_once_per_compression(tiny_model, tokens, monkeypatch):
+    """The first compression of an analysis measures the sensitivities; it must not count them twice."""
+    import asvd_passes.compressor as compressor_module
+    from asvd_passes.modules import replace_module
+
+    clock = [0.0]  # a clock that only moves while the (fake-slow) sensitivity pass runs
+    monkeypatch.setattr(compressor_module.time, "perf_counter", lambda: clock[0])
+    real_fisher = compressor_module.output_fisher
+
+    def fisher_taking_100_s(*args, **kwargs):
+        clock[0] += 100.0
+        return real_fisher(*args, **kwargs)
+
+    monkeypatch.setattr(compressor_module, "output_fisher", fisher_taking_100_s)
+    model = tiny_model("llama")
+    compressor = ap.ASVDCompressor(model)
+    config = ap.ASVDConfig(method="whiten", allocation="fisher", param_ratio=0.8, sensitivity_samples=2)
+    analysis = compressor.analyze(config, calibration=tokens(4, 32), progress=False)
+    dense = {name: model.get_submodule(name) for name in analysis.shapes}
+    charged = []
+    for _ in range(2):
+        charged.append(compressor.apply(analysis, config, progress=False).seconds["allocate"])
+        for name, module in dense.items():
+            replace_module(model, name, module)
+    assert charged == [100.0, 100.0]
