@@ -74,6 +74,33 @@ def token_batch(samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (samples, seqlen), generator=generator)
 
 
+def torch_step_logits(model: nn.Module, ids: torch.Tensor, prefill: int):
+    """Logits (numpy) of a ``prefill``-token forward, then one decode step per remaining token, with the cache."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1).numpy()
+
+
+def ort_step_logits(runtime, ids: torch.Tensor, prefill: int):
+    """The same steps through an ``ORTCausalLM``: (logits, the last step's present cache)."""
+    import numpy as np
+
+    batch = ids.shape[0]
+    mask = np.ones((batch, prefill), dtype=np.int64)
+    positions = np.tile(np.arange(prefill), (batch, 1))
+    logits, past = runtime.forward(ids[:, :prefill].numpy(), mask, positions, runtime.empty_cache(batch))
+    got = [logits]
+    for t in range(prefill, ids.shape[1]):
+        mask = np.ones((batch, t + 1), dtype=np.int64)
+        logits, past = runtime.forward(ids[:, t : t + 1].numpy(), mask, np.full((batch, 1), t), past)
+        got.append(logits)
+    return np.concatenate(got, axis=1), past
+
+
 def linear_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{name: (in_features, out_features)}`` of every ``nn.Linear`` / transformers ``Conv1D``, by walking modules."""
     from transformers.pytorch_utils import Conv1D
@@ -117,3 +144,9 @@ def tokens():
 def projections_of():
     """Factory: ``projections_of(model)`` → ``{name: (in, out)}`` of its Linear/Conv1D modules."""
     return linear_projections
+
+
+@pytest.fixture
+def step_logits():
+    """``(torch_step_logits, ort_step_logits)``: prefill then one-token decode steps, PyTorch and ORT."""
+    return torch_step_logits, ort_step_logits

@@ -113,7 +113,7 @@ def test_latent_kv_half_cache(tmp_path):
     assert result["ppl"] <= 36.0, result
 
 
-def test_onnx_runtime_matches_pytorch_on_compressed_smollm2(tmp_path):
+def test_onnx_runtime_matches_pytorch_on_compressed_smollm2(tmp_path, step_logits):
     """SmolLM2 with --param-ratio 0.9 --kv-ratio 0.5, exported: ORT logits equal PyTorch's (prefill + 20
     decode steps, max abs diff <= 1e-4 in fp32) and greedy generation of 32 tokens is identical."""
     _require_data()
@@ -133,20 +133,9 @@ def test_onnx_runtime_matches_pytorch_on_compressed_smollm2(tmp_path):
 
     ids = torch.tensor([tokenizer(TEST_SPLIT.read_text()[:4000])["input_ids"][:64 + 20]])
     prefill = 64
-    with torch.no_grad():
-        out = model(input_ids=ids[:, :prefill], use_cache=True)
-        cache, expected = out.past_key_values, [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            expected.append(out.logits)
-    expected = torch.cat(expected, dim=1).numpy()
-    logits, past = runtime.forward(ids[:, :prefill].numpy(), np.ones((1, prefill)), np.arange(prefill)[None],
-                                   runtime.empty_cache(1))
-    got = [logits]
-    for t in range(prefill, ids.shape[1]):
-        logits, past = runtime.forward(ids[:, t : t + 1].numpy(), np.ones((1, t + 1)), np.array([[t]]), past)
-        got.append(logits)
-    assert np.abs(np.concatenate(got, axis=1) - expected).max() <= 1e-4
+    torch_steps, ort_steps = step_logits
+    got, past = ort_steps(runtime, ids, prefill)
+    assert np.abs(got - torch_steps(model, ids, prefill)).max() <= 1e-4
     for entry, tensor in zip(meta.cache, past):  # latent widths exactly as in the metadata
         assert tensor.shape == (1, ids.shape[1], entry.fixed["width"])
 

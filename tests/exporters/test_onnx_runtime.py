@@ -46,30 +46,13 @@ def exported(tmp_path_factory):
     return get
 
 
-def torch_steps(model, ids, prefill):
-    with torch.no_grad():
-        out = model(input_ids=ids[:, :prefill], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-    return torch.cat(logits, dim=1).numpy()
-
-
-def test_ort_logits_match_pytorch_for_prefill_and_decode(family, exported, tokens):
+def test_ort_logits_match_pytorch_for_prefill_and_decode(family, exported, tokens, step_logits):
     model, runtime, _ = exported(family)
+    torch_steps, ort_steps = step_logits
     batch, prefill = 2, 6
     ids = tokens(batch, prefill + DECODE_STEPS, seed=1)
-    expected = torch_steps(model, ids, prefill)
-    mask = np.ones((batch, prefill), dtype=np.int64)
-    positions = np.tile(np.arange(prefill), (batch, 1))
-    logits, past = runtime.forward(ids[:, :prefill].numpy(), mask, positions, runtime.empty_cache(batch))
-    got = [logits]
-    for t in range(prefill, ids.shape[1]):
-        mask = np.ones((batch, t + 1), dtype=np.int64)
-        logits, past = runtime.forward(ids[:, t : t + 1].numpy(), mask, np.full((batch, 1), t), past)
-        got.append(logits)
-    assert np.abs(np.concatenate(got, axis=1) - expected).max() <= 1e-4
+    got, past = ort_steps(runtime, ids, prefill)
+    assert np.abs(got - torch_steps(model, ids, prefill)).max() <= 1e-4
     # The latents ORT returns have exactly the widths written in the metadata.
     meta = json.loads((exported(family)[2] / METADATA_FILE).read_text())
     assert meta["kind"] == "latent"
