@@ -425,7 +425,8 @@ class ASVDCompressor(OptimumQuantizer):
             stats = analysis.statistics.get(source)
             gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
             costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
-        return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple)
+        return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple,
+                                 equal_widths=config.kv_equal_widths)
 
     def _strs_sensitivities(self, analysis: "Analysis", config: ASVDConfig, progress) -> dict:
         sample = analysis.windows[: config.sensitivity_samples]

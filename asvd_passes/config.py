@@ -35,6 +35,8 @@ class ASVDConfig(BaseConfig):
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
             for V) in the decomposition; ``False`` gives the plain scaled SVD of each group.
+        kv_equal_widths: ``fisher`` KV plan with one rank for K and V of each group (what a cache of
+            equal K/V widths needs without the ``--genai`` export's packing; costs quality, see docs/DEPLOY.md).
     """
 
     CONFIG_NAME = "asvd_config.json"
@@ -61,6 +63,7 @@ class ASVDConfig(BaseConfig):
         kv_group_size: int | None = None,
         kv_allocation: str = "fisher",
         kv_output_metric: bool = True,
+        kv_equal_widths: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -83,6 +86,7 @@ class ASVDConfig(BaseConfig):
         self.kv_group_size = kv_group_size
         self.kv_allocation = kv_allocation
         self.kv_output_metric = kv_output_metric
+        self.kv_equal_widths = kv_equal_widths
         self.validate()
 
     def validate(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +18,28 @@ def perplexity(model, tokenizer, source: str, seqlen: int = 512, windows: int | 
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and seqlen > limit:
         raise ValueError(f"seqlen {seqlen} is longer than the model's {limit} positions")
+    model.eval()
+    device = next(model.parameters()).device
+
+    def logits_of(window: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=window.to(device), use_cache=False).logits.float().cpu()
+
+    return window_perplexity(logits_of, tokenizer, source, seqlen, windows, progress)
+
+
+@torch.no_grad()
+def window_perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], tokenizer, source: str, seqlen: int = 512,
+                      windows: int | None = None, progress=True) -> dict:
+    """The protocol over any ``(1, seqlen) ids → (1, seqlen, vocab) logits`` function (PyTorch or ONNX Runtime)."""
     tokens = tokenize(tokenizer, read_text(source))
     available = tokens.numel() // seqlen
     if available < 1:
         raise ValueError(f"{source} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     count = available if windows is None else min(windows, available)
-    model.eval()
-    device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for i in tqdm(range(count), desc="evaluate", disable=not progress):
-        window = tokens[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(input_ids=window, use_cache=False).logits.float()
+        window = tokens[i * seqlen : (i + 1) * seqlen].unsqueeze(0)
+        logits = logits_of(window).float()
         nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
         total_nll += nll.item()
         total_tokens += seqlen - 1

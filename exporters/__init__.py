@@ -1,6 +1,8 @@
-"""ONNX export with an explicit (latent or dense) KV cache, and an ONNX Runtime ``generate`` runtime."""
+"""ONNX export with an explicit (latent or dense) KV cache, weight quantization, and two ``generate`` runtimes:
+our own ``ORTCausalLM`` and onnxruntime-genai's (``GenAICausalLM``)."""
 
+from .genai_runtime import GenAICausalLM
 from .onnx_export import ExportMetadata, export_onnx
 from .ort_runtime import ORTCausalLM, ORTInputError
 
-__all__ = ["ExportMetadata", "ORTCausalLM", "ORTInputError", "export_onnx"]
+__all__ = ["ExportMetadata", "GenAICausalLM", "ORTCausalLM", "ORTInputError", "export_onnx"]

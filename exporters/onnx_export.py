@@ -5,7 +5,15 @@ cannot cross ``torch.export``): ``input_ids``, ``attention_mask`` (batch, past+s
 ``position_ids`` and, per layer i, the past cache entries; outputs ``logits`` and the present
 entries (past + new tokens). For a latent-KV model the entries are ``past_latents.{i}.key`` /
 ``.value`` of shape (batch, past, r_i); for a dense model ``past_key_values.{i}.key`` / ``.value``
-of shape (batch, kv_heads, past, head_dim) (Optimum's naming: the baseline). Attention is exported
+of shape (batch, kv_heads, past, head_dim) (Optimum's naming: the baseline).
+
+``layout="genai"`` writes what onnxruntime-genai's generic ``decoder`` model accepts: every cache
+entry 4-D ``(batch, heads, past, head_size)`` named ``past_key_values.{i}.key``/``present.{i}.key``,
+K and V of one layer equally wide, plus ``genai_config.json``. A dense cache already is that. A
+latent layer's K and V latents (widths r_k ≠ r_v) are packed: ``[k_latent | v_latent | 0?]`` is cut
+into two halves of width ceil((r_k + r_v)/2), stored as one "head" in the key and the value slot.
+The cache keeps exactly the latent bytes (plus one zero column when r_k + r_v is odd); the graph
+unpacks them before attention. Attention is exported
 in its eager form (MatMul, Softmax) with the explicit mask the model builds from
 ``attention_mask``, so ONNX ``Attention``'s ``is_causal`` corner alignment (onnxruntime#29020) never
 applies. Batch, sequence and past length are dynamic.
@@ -23,7 +31,9 @@ from torch import nn
 
 METADATA_FILE = "asvd_onnx.json"
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG_FILE = "genai_config.json"
 DEFAULT_OPSET = 18
+LAYOUTS = ("asvd", "genai")
 
 
 @dataclass
@@ -55,6 +65,11 @@ class ExportMetadata:
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     fold_value: str = "always"
+    layout: str = "asvd"  # "asvd": latents (batch, past, r); "genai": packed (batch, 1, past, w) per slot
+    packing: dict = field(default_factory=dict)  # genai latent layout: layer -> {"key": r_k, "value": r_v, "width": w}
+    weights: str = "fp32"  # fp32 / fp16 / int8 / int4 (MatMulNBits), see exporters.quantize
+    block_size: int | None = None
+    quantized: dict = field(default_factory=dict)  # what the quantizer turned into N-bit ops and what stayed float
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -72,7 +87,12 @@ def _latent_attentions(model: nn.Module):
     return sorted((m for m in model.modules() if isinstance(m, LatentKVAttention)), key=lambda m: m.layer_idx)
 
 
-def _cache_entries(model: nn.Module) -> tuple[str, list[CacheEntry]]:
+def packed_width(key_width: int, value_width: int) -> int:
+    """Width of each of the two genai slots that hold one layer's ``[k_latent | v_latent]``."""
+    return (key_width + value_width + 1) // 2
+
+
+def _cache_entries(model: nn.Module, layout: str = "asvd") -> tuple[str, list[CacheEntry]]:
     latent = _latent_attentions(model)
     if latent:
         if len(latent) != model.config.num_hidden_layers:
@@ -80,6 +100,12 @@ def _cache_entries(model: nn.Module) -> tuple[str, list[CacheEntry]]:
         entries = []
         for attention in latent:
             i = attention.layer_idx
+            if layout == "genai":
+                width = packed_width(attention.k_proj.latent_width, attention.v_proj.latent_width)
+                for role in ("key", "value"):
+                    entries.append(CacheEntry(i, role, f"past_key_values.{i}.{role}", f"present.{i}.{role}",
+                                              {"heads": 1, "head_dim": width}))
+                continue
             for role, projection in (("key", attention.k_proj), ("value", attention.v_proj)):
                 entries.append(CacheEntry(i, role, f"past_latents.{i}.{role}", f"present_latents.{i}.{role}",
                                           {"width": projection.latent_width}))
@@ -96,13 +122,17 @@ def _cache_entries(model: nn.Module) -> tuple[str, list[CacheEntry]]:
 
 
 class CacheIO(nn.Module):
-    """``(input_ids, attention_mask, position_ids, *past) → (logits, *present)`` over plain tensors."""
+    """``(input_ids, attention_mask, position_ids, *past) → (logits, *present)`` over plain tensors.
 
-    def __init__(self, model: nn.Module, kind: str, layers: int):
+    ``widths``: per layer ``(r_k, r_v)`` when a latent cache is packed into genai's equal-width slots.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, layers: int, widths: list[tuple[int, int]] | None = None):
         super().__init__()
         self.model = model
         self.kind = kind
         self.layers = layers
+        self.widths = widths
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers.cache_utils import DynamicCache
@@ -110,7 +140,9 @@ class CacheIO(nn.Module):
         cache = DynamicCache()
         for i in range(self.layers):
             key, value = past[2 * i], past[2 * i + 1]
-            if self.kind == "latent":  # the latent cache stores (batch, 1, seq, r)
+            if self.widths is not None:  # packed slots (batch, 1, past, w) → latents (batch, 1, past, r)
+                key, value = self._unpack(key, value, *self.widths[i])
+            elif self.kind == "latent":  # the latent cache stores (batch, 1, seq, r)
                 key, value = key[:, None], value[:, None]
             cache.update(key, value, i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -118,10 +150,26 @@ class CacheIO(nn.Module):
         present = []
         for i in range(self.layers):
             key, value = cache.layers[i].keys, cache.layers[i].values
-            if self.kind == "latent":
+            if self.widths is not None:  # pack only the new tokens; the past slots are appended to as they are
+                steps = input_ids.shape[1]
+                new_a, new_b = self._pack(key[:, :, -steps:], value[:, :, -steps:])
+                key, value = torch.cat([past[2 * i], new_a], dim=2), torch.cat([past[2 * i + 1], new_b], dim=2)
+            elif self.kind == "latent":
                 key, value = key[:, 0], value[:, 0]
             present += [key, value]
         return (out.logits, *present)
+
+    @staticmethod
+    def _unpack(slot_a, slot_b, key_width: int, value_width: int):
+        joined = torch.cat([slot_a, slot_b], dim=-1)
+        return joined[..., :key_width], joined[..., key_width : key_width + value_width]
+
+    @staticmethod
+    def _pack(key, value):
+        joined = torch.cat([key, value], dim=-1)
+        width = packed_width(key.shape[-1], value.shape[-1])
+        joined = nn.functional.pad(joined, (0, 2 * width - joined.shape[-1]))
+        return joined[..., :width], joined[..., width:]
 
 
 def _rope_settings(model: nn.Module) -> dict | None:
@@ -140,15 +188,16 @@ def _rope_settings(model: nn.Module) -> dict | None:
 
 
 @contextlib.contextmanager
-def _fold_policy(policy: str):
+def _fold_policy(policy: str, value_up_as_linear: bool = False):
+    """Export-time switches of the latent attention: the V fold policy, and a 2-D V up that quantizers can read."""
     from asvd_passes.kv import LatentKVAttention
 
-    previous = LatentKVAttention.fold_policy
-    LatentKVAttention.fold_policy = policy
+    previous = LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear
+    LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear = policy, value_up_as_linear
     try:
         yield
     finally:
-        LatentKVAttention.fold_policy = previous
+        LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear = previous
 
 
 def _example_inputs(model, entries, batch=2, seq=3, past=5):
@@ -175,20 +224,39 @@ def export_onnx(
     dtype: str = "fp32",
     device: str = "cpu",
     fold_value: str = "always",
+    layout: str = "asvd",
+    weights: str | None = None,
+    block_size: int = 32,
+    progress: bool = False,
 ) -> ExportMetadata:
     """Export to ``out_dir/model.onnx`` (+ ``asvd_onnx.json`` and the tokenizer), written atomically.
 
     ``fold_value``: how latent V is read in the exported graph: ``always`` (attend over the V latent,
     then V's up: cheapest for decoding), ``never`` (rebuild V), ``auto`` is not exportable (it
     decides per call from the shapes).
+    ``layout``: ``asvd`` (latents as (batch, past, r)) or ``genai`` (onnxruntime-genai's 4-D cache,
+    ``genai_config.json`` written beside the model; see the module docstring).
+    ``weights``: ``fp32``/``fp16`` (the export's float type; default: ``dtype``), or ``int8``/``int4``:
+    an fp32 export whose MatMul weights, embedding and LM head ONNX Runtime's MatMulNBits quantizer
+    turns into ``block_size``-wide blocks (:mod:`exporters.quantize`).
     """
     import onnx
 
     from asvd_passes.models import load_model_and_tokenizer
     from asvd_passes.serialization import atomic_directory
 
+    from .quantize import check_weights, quantize_onnx
+
     if fold_value not in ("always", "never"):
         raise ValueError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    weights = weights or dtype
+    check_weights(weights, block_size)
+    if weights in ("fp32", "fp16"):
+        dtype = weights
+    elif dtype != "fp32":
+        raise ValueError(f"--weights {weights} quantizes an fp32 export; it cannot be combined with dtype {dtype}")
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"dtype must be fp32 or fp16, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -202,14 +270,20 @@ def export_onnx(
     model = model.to(device=device, dtype=torch_dtype).eval()
     previous_attention = model.config._attn_implementation
     model.set_attn_implementation("eager")  # explicit MatMul/Softmax with the model's own mask
-    kind, entries = _cache_entries(model)
+    kind, entries = _cache_entries(model, layout)
     layers = model.config.num_hidden_layers
-    wrapper = CacheIO(model, kind, layers).eval()
+    packing, widths = {}, None
+    if kind == "latent" and layout == "genai":
+        latent = _latent_attentions(model)
+        widths = [(a.k_proj.latent_width, a.v_proj.latent_width) for a in latent]
+        packing = {str(a.layer_idx): {"key": k, "value": v, "width": packed_width(k, v)}
+                   for a, (k, v) in zip(latent, widths)}
+    wrapper = CacheIO(model, kind, layers, widths).eval()
     ids, mask, positions, past = _example_inputs(model, entries)
 
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     total = torch.export.Dim.AUTO
-    past_axes = [({0: batch, 1: past_len} if kind == "latent" else {0: batch, 2: past_len}) for _ in entries]
+    past_axes = [({0: batch, 1: past_len} if "width" in e.fixed else {0: batch, 2: past_len}) for e in entries]
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: seq}, "past": tuple(past_axes)}
     inputs = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in entries]
@@ -224,25 +298,88 @@ def export_onnx(
         kv_ranks=(quant.get("kv") or {}).get("layers", {}), kv_group_size=(quant.get("kv") or {}).get("group_size"),
         weight_ranks=quant.get("ranks", {}), rope=_rope_settings(model),
         bos_token_id=model.config.bos_token_id, eos_token_id=[eos] if isinstance(eos, int) else eos,
-        pad_token_id=model.config.pad_token_id, fold_value=fold_value,
+        pad_token_id=model.config.pad_token_id, fold_value=fold_value, layout=layout, packing=packing,
+        weights=weights, block_size=block_size if weights in ("int8", "int4") else None,
     )
-    with atomic_directory(out_dir) as staging, _fold_policy(fold_value), torch.no_grad():
-        staging = Path(staging)
-        program = torch.onnx.export(
-            wrapper, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=dynamic,
-            input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
-        )
-        program.save(str(staging / MODEL_FILE), external_data=_needs_external_data(model))
-        proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "asvd_onnx", metadata.to_json()
-        onnx.save(proto, str(staging / MODEL_FILE))
-        onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-        (staging / METADATA_FILE).write_text(metadata.to_json())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-    model.set_attn_implementation(previous_attention)
+    try:
+        with atomic_directory(out_dir) as staging, _fold_policy(fold_value, weights in ("int8", "int4")), torch.no_grad():
+            staging = Path(staging)
+            _progress(progress, f"tracing and converting to ONNX ({kind} cache, {layout} layout)")
+            program = torch.onnx.export(
+                wrapper, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=dynamic,
+                input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
+            )
+            external = _needs_external_data(model)
+            program.save(str(staging / MODEL_FILE), external_data=external)
+            del program
+            if weights in ("int8", "int4"):
+                _progress(progress, f"quantizing weights to {weights} (MatMulNBits, block {block_size})")
+                metadata.quantized = quantize_onnx(staging / MODEL_FILE, bits=int(weights[3:]), block_size=block_size,
+                                                   external_data=external)
+            proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = "asvd_onnx", metadata.to_json()
+            onnx.save(proto, str(staging / MODEL_FILE))
+            _progress(progress, "checking the ONNX model")
+            onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
+            (staging / METADATA_FILE).write_text(metadata.to_json())
+            if layout == "genai":
+                (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, metadata), indent=2))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+    finally:
+        model.set_attn_implementation(previous_attention)
     return metadata
+
+
+def _progress(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"[export] {message}", flush=True)
+
+
+def genai_config(model: nn.Module, metadata: ExportMetadata) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for the generic ``decoder`` model type.
+
+    genai reads each layer's heads and head size from the fixed dims of its key input (a latent layer:
+    1 head of its packed width), so ``num_key_value_heads``/``head_size`` here describe the widest layer.
+    """
+    config = model.config
+    heads = max(e.fixed["heads"] for e in metadata.cache)
+    head_size = max(e.fixed["head_dim"] for e in metadata.cache)
+    eos = metadata.eos_token_id or []
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": metadata.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": metadata.pad_token_id if metadata.pad_token_id is not None else (eos[0] if eos else 0),
+            "context_length": int(context),
+            "vocab_size": metadata.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": head_size,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": metadata.num_layers,
+                "num_key_value_heads": heads,
+                "inputs": {
+                    "input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": int(context), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
 
 
 def _needs_external_data(model: nn.Module) -> bool:

@@ -15,7 +15,19 @@ import numpy as np
 
 from .onnx_export import METADATA_FILE, MODEL_FILE, ExportMetadata
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+# Which execution providers have kernels for the N-bit ops that int8/int4 exports contain
+# (ONNX Runtime 1.32's contrib kernels). A provider without them would silently hand those nodes
+# to the CPU, or fail at session creation with an opaque message.
+NBIT_KERNELS = {
+    "MatMulNBits": {"cpu", "cuda", "dml"},
+    "GatherBlockQuantized": {"cpu", "cuda"},
+}
 
 
 class ORTInputError(ValueError):
@@ -31,6 +43,14 @@ class ORTCausalLM:
             raise FileNotFoundError(f"{folder} is not an exported ONNX folder ({MODEL_FILE} and {METADATA_FILE})")
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        self.metadata = ExportMetadata.from_json((folder / METADATA_FILE).read_text())
+        for op in self.metadata.quantized.get("ops", {}):
+            if op in NBIT_KERNELS and provider not in NBIT_KERNELS[op]:
+                raise ValueError(
+                    f"{folder} is a {self.metadata.weights} export with {op} nodes, which ONNX Runtime's "
+                    f"{PROVIDERS[provider]} has no kernel for (it runs on: {', '.join(sorted(NBIT_KERNELS[op]))}); "
+                    "export with --weights fp32/fp16 for this provider"
+                )
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
             raise RuntimeError(
@@ -39,7 +59,6 @@ class ORTCausalLM:
             )
         self.folder = folder
         self.provider = provider
-        self.metadata = ExportMetadata.from_json((folder / METADATA_FILE).read_text())
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -114,6 +133,28 @@ class ORTCausalLM:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), outputs[1:]  # logits to the host; the cache stays on the device
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits of a whole sequence from an empty cache (what perplexity needs)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = ids.shape
+        positions = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        logits, _ = self.forward(ids, np.ones_like(ids), positions, self.empty_cache(batch))
+        return logits
+
+    def perplexity(self, source: str, seqlen: int = 512, windows: int | None = None, progress: bool = True) -> dict:
+        """WikiText-style perplexity computed by ONNX Runtime on this export (the protocol of ``asvd eval``)."""
+        import torch
+        from transformers import AutoTokenizer
+
+        from asvd_passes.evaluate import window_perplexity
+
+        if not (self.folder / "tokenizer_config.json").is_file() and not (self.folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{self.folder} has no tokenizer files; export from a model folder to include them")
+        tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        result = window_perplexity(lambda window: torch.from_numpy(self.logits(window.numpy())), tokenizer, source,
+                                   seqlen, windows, progress)
+        return {**result, "runtime": "onnxruntime", "provider": self.provider, "weights": self.metadata.weights}
 
     # -- generation --------------------------------------------------------------------------------
 

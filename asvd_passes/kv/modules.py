@@ -224,13 +224,30 @@ class LatentKVAttention(nn.Module):
     def _value_up(self, output: torch.Tensor) -> torch.Tensor:
         """(batch, steps, heads, r_g) attention over latents → (batch, steps, heads, head_dim) values."""
         up = torch.cat([u.weight for u in self.v_proj.ups], dim=0)  # (kv_width, r_g), groups stacked
+        bias = torch.cat([u.bias for u in self.v_proj.ups]) if self.v_proj.ups[0].bias is not None else None
+        if self.value_up_as_linear:
+            return self._value_up_linear(output, up, bias)
         per_kv_head = up.view(self.num_key_value_heads, self.head_dim, -1)
         per_head = per_kv_head.repeat_interleave(self.num_key_value_groups, dim=0)  # (heads, head_dim, r_g)
         result = torch.einsum("bshr,hdr->bshd", output, per_head)
-        if self.v_proj.ups[0].bias is not None:
-            bias = torch.cat([u.bias for u in self.v_proj.ups]).view(self.num_key_value_heads, self.head_dim)
-            result = result + bias.repeat_interleave(self.num_key_value_groups, dim=0)
+        if bias is not None:
+            result = result + bias.view(self.num_key_value_heads, self.head_dim).repeat_interleave(
+                self.num_key_value_groups, dim=0)
         return result
+
+    # Weight-only quantizers (ONNX Runtime's MatMulNBits) rewrite MatMuls by a constant 2-D weight only;
+    # the per-head einsum above reads a 3-D one. The ONNX export of an int8/int4 model switches to this
+    # form: one 2-D ``linear`` by the whole V up (every head against every KV head, kv_heads× the
+    # multiply-adds of the einsum, still small next to one projection), then each head keeps its own
+    # KV head's block.
+    value_up_as_linear = False
+
+    def _value_up_linear(self, output: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        batch, steps, heads, _ = output.shape
+        kv_heads, groups = self.num_key_value_heads, self.num_key_value_groups
+        every = nn.functional.linear(output, up, bias).view(batch, steps, kv_heads, groups, kv_heads, self.head_dim)
+        own = torch.diagonal(every, dim1=2, dim2=4)  # (batch, steps, groups, head_dim, kv_heads)
+        return own.permute(0, 1, 4, 2, 3).reshape(batch, steps, heads, self.head_dim)
 
     def _rotate(self, query, key, position_embeddings, position_ids, past: int, steps: int, total: int):
         """RoPE on the new queries and on every rebuilt key, each at its absolute position.

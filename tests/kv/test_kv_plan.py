@@ -58,3 +58,22 @@ def test_group_size_resolution():
         resolve_group_size(layouts(kv_heads=3), 2)
     with pytest.raises(ValueError, match=r"kv_ratio must lie in \(0, 1\]"):
         uniform_kv_plan(layouts(), 0.0, 1)
+
+
+def test_equal_widths_plan_gives_k_and_v_one_rank_and_meets_the_budget():
+    found = layouts(n=3)
+    # K cheap to cut in layer 0, V cheap in layer 2: the free plan splits them, the equal plan cannot.
+    costs = {}
+    for i, layout in enumerate(found):
+        for role in ("key", "value"):
+            slope = 0.1 if (i, role) in ((0, "key"), (2, "value")) else 1.0
+            costs[(layout.name, role, 0)] = [slope * (32 - r) ** 2 for r in range(33)]
+    free = greedy_kv_plan(found, costs, 0.5, group_size=2)
+    equal = greedy_kv_plan(found, costs, 0.5, group_size=2, equal_widths=True)
+    assert any(free.ranks[l.name]["key"] != free.ranks[l.name]["value"] for l in found)
+    for layout in found:
+        assert equal.ranks[layout.name]["key"] == equal.ranks[layout.name]["value"]
+    assert equal.total_latent_width <= 0.5 * equal.dense_width
+    assert equal.total_latent_width >= 0.5 * equal.dense_width - 2  # within one rank step of K and V together
+    predicted = lambda plan: sum(costs[(l.name, role, 0)][plan.ranks[l.name][role][0]] for l in found for role in ("key", "value"))  # noqa: E731
+    assert predicted(equal) >= predicted(free)  # the constraint can only cost

@@ -152,6 +152,20 @@ def test_folding_value_up_into_the_output_changes_nothing(family, group_size, ti
     torch.testing.assert_close(results["always"], results["never"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_value_up_as_one_2d_linear_equals_the_per_head_einsum(family, group_size, tiny_model, tokens, monkeypatch):
+    """The quantizable V up of int8/int4 exports (one 2-D linear, then each head's own block) changes nothing."""
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=group_size)
+    monkeypatch.setattr(LatentKVAttention, "fold_policy", "always")
+    ids = tokens(2, 14, seed=8)
+    results = {}
+    for linear in (False, True):
+        monkeypatch.setattr(LatentKVAttention, "value_up_as_linear", linear)
+        results[linear], _ = prefill_and_decode(model, ids, prefill=8)
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-5)
+
+
 def test_fold_is_chosen_for_decoding_not_for_long_prefill(tiny_model, tokens):
     model = tiny_model("llama")
     kv_compress(model, tokens, kv_ratio=0.5)
