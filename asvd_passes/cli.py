@@ -125,9 +125,15 @@ def run_export(args: argparse.Namespace) -> int:
     from exporters import export_onnx
 
     metadata = export_onnx(None if args.model == "default" else args.model, args.out, opset=args.opset,
-                           dtype=args.dtype, device=args.device, fold_value=args.fold_value)
+                           dtype=args.dtype, device=args.device, fold_value=args.fold_value,
+                           layout="genai" if args.genai else "asvd", weights=args.weights, block_size=args.block_size,
+                           progress=True)
+    weights = metadata.weights + (f" (block {metadata.block_size})" if metadata.block_size else "")
     print(f"exported a {metadata.kind}-cache model ({metadata.num_layers} layers, opset {metadata.opset}, "
-          f"{metadata.dtype}) to {args.out}")
+          f"{weights} weights, {metadata.layout} layout) to {args.out}")
+    if metadata.quantized:
+        q = metadata.quantized
+        print(f"quantized ops: {q['ops']}; weight bytes quantized {q['quantized_bytes']}, left float {q['float_bytes']}")
     return 0
 
 
@@ -138,12 +144,17 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     path = Path(args.path)
+    if args.runtime == "genai" and not (path / "model.onnx").is_file():
+        raise ValueError("--runtime genai runs an ONNX folder exported with --genai, not a PyTorch model folder")
     if (path / "model.onnx").is_file():
         import numpy as np
 
-        from exporters import ORTCausalLM
+        from exporters import GenAICausalLM, ORTCausalLM
 
-        runtime = ORTCausalLM(path, provider=args.provider)
+        if args.runtime == "genai":
+            runtime = GenAICausalLM(path, provider=args.provider)
+        else:
+            runtime = ORTCausalLM(path, provider=args.provider)
         tokenizer = AutoTokenizer.from_pretrained(path)
         ids = np.asarray(tokenizer(args.prompt)["input_ids"], dtype=np.int64)[None]
         printed = []
@@ -155,6 +166,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         out = runtime.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                                seed=args.seed, streamer=stream)
+        if args.runtime == "genai":  # genai's sequence ends at its EOS; ours pads after it
+            out = out[:, : ids.shape[1] + args.max_new_tokens]
         new = out[0, ids.shape[1]:]
     else:
         import torch
@@ -176,14 +189,46 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_zero_shot(args: argparse.Namespace) -> int:
+    """``asvd eval MODEL --tasks ...``: lm-eval zero-shot accuracy (see :mod:`asvd_passes.zero_shot`)."""
+    import torch
+
+    from .zero_shot import zero_shot
+
+    result = zero_shot(args.model, args.tasks, limit=args.limit, include_path=args.include_path,
+                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, dtype=getattr(torch, args.dtype))
+    if args.json:
+        print(json.dumps({key: value for key, value in result.items() if key != "table"}))
+    else:
+        print(result["table"])
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    onnx_folder = args.model is not None and (Path(args.model) / "model.onnx").is_file()
+    if args.tasks:
+        if onnx_folder:
+            raise ValueError("--tasks runs lm-eval on a PyTorch model folder; for an ONNX export use --data (perplexity)")
+        return run_zero_shot(args)
+    if not args.data:
+        raise ValueError("asvd eval needs --data FILE (perplexity) or --tasks NAMES (lm-eval zero-shot accuracy)")
     import torch
 
     from .evaluate import perplexity
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
-    result = perplexity(model, tokenizer, args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
+    if onnx_folder:  # an export: ONNX Runtime computes the logits
+        from exporters import ORTCausalLM
+
+        runtime = ORTCausalLM(args.model, provider=args.provider)
+        result = runtime.perplexity(args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
+    else:
+        if args.provider != "cpu":
+            raise ValueError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
+        result = perplexity(model, tokenizer, args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
     if args.json:
         print(json.dumps(result))
     else:
@@ -199,13 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_arguments(compress)
     compress.set_defaults(run=run_compress)
 
-    evaluate = commands.add_parser("eval", help="WikiText-style perplexity of a model or compressed folder")
-    evaluate.add_argument("model", help="model folder, hub id, .gguf file, or 'default' for the embedded model")
-    evaluate.add_argument("--data", required=True, help="text file (e.g. wiki.test.raw) or hf:NAME[:CONFIG[:SPLIT]]")
+    evaluate = commands.add_parser("eval", help="perplexity (--data) or lm-eval zero-shot accuracy (--tasks) of a model or compressed folder")
+    evaluate.add_argument("model", help="model folder, hub id, .gguf file, ONNX export folder (perplexity by ONNX "
+                                         "Runtime), or 'default' for the embedded model")
+    evaluate.add_argument("--data", default=None, help="perplexity: text file (e.g. wiki.test.raw) or hf:NAME[:CONFIG[:SPLIT]]")
+    evaluate.add_argument("--tasks", default=None,
+                          help="zero-shot accuracy: comma-separated lm-eval tasks (needs pip install 'asvd-passes[eval]')")
+    evaluate.add_argument("--limit", type=int, default=None, help="--tasks: at most N documents per task")
+    evaluate.add_argument("--include-path", default=None, help="--tasks: folder of extra lm-eval task YAML files")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: the task's, mostly 0)")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="--tasks: lm-eval batch size")
     evaluate.add_argument("--seqlen", type=int, default=512)
     evaluate.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
     evaluate.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (ONNX folders)")
     evaluate.set_defaults(run=run_eval)
 
     inspect = commands.add_parser("inspect", help="ratios, ranks and measured KV-cache bytes of a saved model")
@@ -220,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("model", help="a folder that compress wrote, or a dense model folder ('default': embedded)")
     onnx.add_argument("--out", required=True, help="output folder (written atomically)")
     onnx.add_argument("--opset", type=int, default=18)
-    onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the export (see --weights)")
+    onnx.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"], default=None,
+                      help="weight format: fp32/fp16, or int8/int4 with ONNX Runtime's MatMulNBits quantizer (default: --dtype)")
+    onnx.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per quantization block (default 32)")
+    onnx.add_argument("--genai", action="store_true",
+                      help="onnxruntime-genai layout: 4-D cache, K/V latents packed into equal-width slots, genai_config.json")
     onnx.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the export traces on")
     onnx.add_argument("--fold-value", choices=["always", "never"], default="always",
                       help="attend over the V latent then apply V's up (always), or rebuild V (never)")
@@ -233,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    generate.add_argument("--runtime", choices=["ort", "genai"], default="ort",
+                          help="ONNX folders: our ORTCausalLM (ort) or onnxruntime-genai (genai; needs a --genai export)")
     generate.add_argument("--stream", action="store_true", help="print tokens as they come (ONNX)")
     generate.set_defaults(run=run_generate)
     return parser

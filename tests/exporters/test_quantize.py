@@ -127,3 +127,5 @@ def test_cli_eval_of_an_export_is_computed_by_onnx_runtime(compressed_llama, exp
     assert results["fp32"]["runtime"] == "onnxruntime" and results["fp32"]["windows"] == 4
     assert results["fp32"]["ppl"] == pytest.approx(reference["ppl"], rel=1e-5)
     assert results["int4"]["ppl"] != pytest.approx(reference["ppl"], rel=1e-5)
+    assert main(["eval", str(exports["fp32"][1]), "--tasks", "arc_easy"]) == 2  # lm-eval runs PyTorch folders only
+    assert "--tasks runs lm-eval on a PyTorch model folder" in capsys.readouterr().err
