@@ -4,10 +4,12 @@
 ``onnx-ir`` package) rewrites every ``MatMul`` whose weight is a constant 2-D initializer into
 ``com.microsoft.MatMulNBits`` (4 or 8 bits, one scale and zero point per ``block_size`` inputs),
 and, asked with ``op_types_to_quantize=("MatMul", "Gather")``, the embedding ``Gather`` into
-``GatherBlockQuantized`` (4 bits only: at 8 bits ORT's quantizer leaves the embedding in float). That covers the dense projections, both thin ASVD factors (``down`` and
-``up``), the latent K/V ``down``/``up`` and the LM head. What it cannot touch stays float and is
-reported: norm scales, biases, RoPE tables, and MatMuls whose weight is not a constant 2-D
-initializer (e.g. a batched per-head-group ``up`` stacked at run time).
+``GatherBlockQuantized`` (4 bits only: at 8 bits ORT's quantizer leaves the embedding in float).
+That covers the dense projections, both thin ASVD factors (``down`` and ``up``), the latent K/V
+``down``/``up`` (the export writes V's folded ``up`` as a 2-D MatMul for this) and the LM head (a
+tied one is untied first, then shares its 4-bit tensors with the embedding). What it cannot touch
+stays float and is reported (``weight_summary``): norm scales, biases, RoPE tables, and any op that
+reads a float matrix without an N-bit kernel.
 """
 
 from __future__ import annotations
@@ -203,51 +205,3 @@ def weight_summary(model) -> dict:
         # Other ops reading a float matrix (e.g. an Einsum by a per-head 3-D V up): no N-bit kernel for them.
         "float_weight_nodes": float_others,
     }
-
-
-def quantize_export(source: str | Path, out_dir: str | Path, weights: str, block_size: int = 32) -> dict:
-    """Copy an fp32 export folder to ``out_dir`` with its weights quantized to ``weights`` (int8/int4), atomically.
-
-    Prefer ``export_onnx(..., weights=...)``, which also exports a latent V up as a 2-D MatMul so
-    that it is quantized too; re-quantizing an fp32 export leaves such an Einsum in float (reported
-    in ``float_weight_nodes``).
-    """
-    import shutil
-
-    from asvd_passes.serialization import atomic_directory
-
-    from .onnx_export import METADATA_FILE, MODEL_FILE, ExportMetadata
-
-    check_weights(weights, block_size)
-    if weights not in ("int8", "int4"):
-        raise ValueError(f"quantize_export makes int8/int4 exports, got {weights!r}")
-    source = Path(source)
-    metadata = ExportMetadata.from_json((source / METADATA_FILE).read_text())
-    if metadata.weights != "fp32":
-        raise ValueError(f"{source} holds {metadata.weights} weights; quantize an fp32 export")
-    with atomic_directory(out_dir) as staging:
-        staging = Path(staging)
-        for item in source.iterdir():
-            if item.is_file():
-                shutil.copy2(item, staging / item.name)
-        external = (staging / (MODEL_FILE + ".data")).is_file()
-        summary = quantize_onnx(staging / MODEL_FILE, bits=int(weights[3:]), block_size=block_size,
-                                external_data=external)
-        metadata.weights, metadata.block_size, metadata.quantized = weights, block_size, summary
-        _write_metadata(staging / MODEL_FILE, metadata, external)
-        (staging / METADATA_FILE).write_text(metadata.to_json())
-    return summary
-
-
-def _write_metadata(path: Path, metadata, external: bool) -> None:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == "asvd_onnx":
-            entry.value = metadata.to_json()
-            break
-    else:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "asvd_onnx", metadata.to_json()
-    onnx.save(proto, str(path))

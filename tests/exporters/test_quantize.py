@@ -129,3 +129,20 @@ def test_cli_eval_of_an_export_is_computed_by_onnx_runtime(compressed_llama, exp
     assert results["int4"]["ppl"] != pytest.approx(reference["ppl"], rel=1e-5)
     assert main(["eval", str(exports["fp32"][1]), "--tasks", "arc_easy"]) == 2  # lm-eval runs PyTorch folders only
     assert "--tasks runs lm-eval on a PyTorch model folder" in capsys.readouterr().err
+
+
+def test_fp16_weights_run_in_ort_and_genai(compressed_llama, tmp_path, tokens):
+    from exporters import GenAICausalLM
+
+    pytest.importorskip("onnxruntime_genai")
+    model = __import__("copy").deepcopy(compressed_llama)  # export casts the model it is given
+    meta = export_onnx(model, tmp_path / "fp16", layout="genai", weights="fp16")
+    assert meta.dtype == "fp16" and meta.weights == "fp16"
+    ids = tokens(1, 10, seed=4)
+    with torch.no_grad():
+        expected = compressed_llama(ids).logits.numpy()
+    runtime = ORTCausalLM(tmp_path / "fp16", threads=1)
+    assert np.abs(runtime.logits(ids.numpy()).astype(np.float32) - expected).max() < 5e-3
+    prompt = ids[:, :5].numpy()
+    assert np.array_equal(GenAICausalLM(tmp_path / "fp16").generate(prompt, max_new_tokens=8),
+                          runtime.generate(prompt, max_new_tokens=8))
