@@ -329,6 +329,9 @@ def export_onnx(
                 tokenizer.save_pretrained(staging)
     finally:
         model.set_attn_implementation(previous_attention)
+        for attention in _latent_attentions(model):  # drop the traced (fake) tensors the RoPE cache kept
+            if attention.key_embeddings is not None:
+                attention.key_embeddings._last = None
     return metadata
 
 

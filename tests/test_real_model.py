@@ -174,6 +174,10 @@ def test_onnxruntime_genai_generates_what_pytorch_does(tmp_path, compressed_09_k
     prompt, reference = _greedy_reference(model, tokenizer, "The history of the city begins")
     generated = genai.generate(prompt.numpy(), max_new_tokens=32)
     assert np.array_equal(generated, reference.numpy())
+    og_tokenizer = genai.tokenizer()  # genai's own tokenizer reads the exported tokenizer.json
+    assert list(og_tokenizer.encode("The history of the city begins")) == prompt[0].tolist()
+    plain = np.array([t for t in generated[0] if t not in tokenizer.all_special_ids], dtype=np.int32)
+    assert og_tokenizer.decode(plain) == tokenizer.decode(plain.tolist())
     assert np.array_equal(ORTCausalLM(tmp_path / "genai").generate(prompt.numpy(), max_new_tokens=32), generated)
 
     ids = torch.tensor([tokenizer(TEST_SPLIT.read_text()[:4000])["input_ids"][:72]])
