@@ -68,7 +68,9 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a projection module."""
+    """(out_features, in_features) of a projection module, factored (``LowRankLinear``) or not."""
+    if isinstance(module, LowRankLinear):
+        return module.out_features, module.in_features
     out_features, in_features = projection_weight(module).shape
     return out_features, in_features
 

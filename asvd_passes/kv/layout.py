@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..modules import projection_weight
+from ..modules import projection_shape
 
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense")
 
@@ -84,7 +84,7 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayout]:
         heads, kv_heads = _head_counts(module, config)
         if isinstance(getattr(module, "k_proj", None), nn.Module) and isinstance(getattr(module, "v_proj", None), nn.Module):
             fused = None
-            hidden = projection_weight(module.k_proj).shape[1]
+            hidden = projection_shape(module.k_proj)[1]  # a weight-compressed k_proj is a LowRankLinear
         elif isinstance(getattr(module, "qkv_proj", None), nn.Module):
             fused = "qkv_proj"
         elif isinstance(getattr(module, "c_attn", None), nn.Module):
@@ -92,10 +92,9 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayout]:
         else:
             continue
         if fused:
-            weight = projection_weight(getattr(module, fused))
-            hidden = weight.shape[1]
-            if weight.shape[0] != (heads + 2 * kv_heads) * head_dim:
-                raise ValueError(f"{name}.{fused} has {weight.shape[0]} outputs, not Q+K+V of the declared heads")
+            outputs, hidden = projection_shape(getattr(module, fused))
+            if outputs != (heads + 2 * kv_heads) * head_dim:
+                raise ValueError(f"{name}.{fused} has {outputs} outputs, not Q+K+V of the declared heads")
         layouts.append(AttentionLayout(name, int(layer_idx), heads, kv_heads, int(head_dim), int(hidden), fused, output))
     if not layouts:
         raise ValueError(f"{type(model).__name__}: no self-attention module with K/V projections was found")

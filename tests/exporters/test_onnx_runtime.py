@@ -158,3 +158,17 @@ def test_cuda_provider_matches_cpu(exported, tokens):
     prompt = tokens(1, 5, seed=2).numpy()
     assert np.array_equal(gpu.generate(prompt, max_new_tokens=16, eos_token_id=[]),
                           cpu.generate(prompt, max_new_tokens=16, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_weight_only_compressed_model_exports_with_dense_cache(family, tiny_model, tokens, tmp_path, step_logits):
+    """``--param-ratio`` alone (K/V projections factored, not latent): a dense-cache export that matches PyTorch."""
+    model = compressed(family, tokens, param_ratio=0.8, allocation="uniform")  # every projection factored
+    assert isinstance(model.get_submodule(next(n for n, _ in model.named_modules() if n.endswith(
+        ("k_proj", "qkv_proj", "c_attn")))), ap.LowRankLinear)
+    meta = export_onnx(model, tmp_path / "weights-only", layout="genai")
+    assert meta.kind == "dense"
+    torch_steps, ort_steps = step_logits
+    ids = tokens(2, 10, seed=1)
+    got, _ = ort_steps(ORTCausalLM(tmp_path / "weights-only", threads=1), ids, 4)
+    assert np.abs(got - torch_steps(model, ids, 4)).max() <= 1e-4
