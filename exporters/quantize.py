@@ -55,7 +55,7 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
 
     path = Path(path)
     model = onnx.load(str(path))
-    untie_transposed_weights(model)
+    untied = untie_transposed_weights(model)
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # GatherBlockQuantized is 4-bit only
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
                                           op_types_to_quantize=op_types)
@@ -72,7 +72,7 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     quantized = quantizer.model.model
-    shared = share_tied_embedding(quantized) if bits == 4 else False
+    shared = share_tied_embedding(quantized, untied) if bits == 4 else False
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
     onnx.save(quantized, str(path), save_as_external_data=external_data,
@@ -109,51 +109,56 @@ def untie_transposed_weights(model) -> dict[str, str]:
     return untied
 
 
-def share_tied_embedding(model) -> bool:
-    """Let a 4-bit embedding read the 4-bit LM head's tensors when they quantize the same table.
+def share_tied_embedding(model, untied: dict[str, str]) -> bool:
+    """Let a 4-bit embedding read the 4-bit tensors of the LM head untied from it.
 
-    The embedding quantized by rows (``GatherBlockQuantized``, blocks along the hidden axis) and its
-    transpose quantized as the LM head (``MatMulNBits``, blocks along K = hidden) hold the same
-    blocks. When their scales and zero points are equal and their codes differ by at most one step
-    (ORT's two quantizer code paths round a few values differently: 0.3% of SmolLM2's codes), the
-    gather reads the head's packed uint8 tensors (``bits=4``) through ``Reshape`` and its own copy is
-    dropped: one table in the file, as in the dense model. Otherwise both copies stay.
+    The untied head's weight is the embedding table transposed, quantized by ``MatMulNBits`` in
+    blocks along K = hidden: the same blocks as the embedding's own ``GatherBlockQuantized`` copy
+    (blocks along its hidden axis). ORT's two code paths round a few codes and zero points
+    differently (SmolLM2, block 64: 0.08% of codes, 0.003% of zero points, never by more than one
+    step), so the copies are checked to dequantize within one quantization step of each other;
+    then the gather reads the head's packed uint8 tensors (``bits=4``) through ``Reshape`` and its
+    own copy is dropped: one table in the file, as in the dense model. A hidden size that the block
+    size does not divide (padded blocks in the head) keeps both copies.
     """
     import numpy as np
     from onnx import helper, numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
     attributes = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
-    unpack = lambda a: np.stack([a & 15, a >> 4], -1).reshape(a.shape[0], -1).astype(np.int16)  # noqa: E731
+    unpack = lambda a: np.stack([a & 15, a >> 4], -1).reshape(a.shape[0], -1).astype(np.float32)  # noqa: E731
+    heads = {node.input[1]: node for node in model.graph.node if node.op_type == "MatMulNBits" and len(node.input) >= 4}
     shared = False
-    for gather in [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]:
-        g = attributes(gather)
-        if len(gather.input) < 4 or g.get("quantize_axis") != 1 or g.get("gather_axis", 0) != 0:
+    for gather in [n for n in model.graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) >= 4]:
+        source = next((src for t, src in untied.items() if gather.input[0] == f"{src}_Q4" and f"{t}_Q4" in heads), None)
+        if source is None:
             continue
-        codes, scales, zeros = (numpy_helper.to_array(initializers[gather.input[i]]) for i in (0, 2, 3))
-        for head in [n for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) >= 4]:
-            h = attributes(head)
-            if (h["bits"], h["block_size"], h["N"], h["K"]) != (4, g["block_size"], *codes.shape):
-                continue
-            head_codes, head_scales, head_zeros = (numpy_helper.to_array(initializers[head.input[i]]) for i in (1, 2, 3))
-            blocks = head_scales.size // h["N"]
-            same_grid = (np.array_equal(head_scales.reshape(scales.shape), scales)
-                         and np.array_equal(unpack(head_zeros.reshape(h["N"], -1))[:, :blocks], zeros.astype(np.int16)))
-            if not same_grid or np.abs(unpack(head_codes)[:, : h["K"]] - codes.astype(np.int16)).max() > 1:
-                continue
-            for position, (source, shape) in enumerate(
-                ((head.input[1], (h["N"], -1)), (head.input[2], (h["N"], blocks)), (head.input[3], (h["N"], -1)))
-            ):
-                name = f"{gather.name}.shared_input_{position}"
-                model.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, "int64"), name + ".shape"))
-                model.graph.node.insert(0, helper.make_node("Reshape", [source, name + ".shape"], [name], name=name))
-                slot = (0, 2, 3)[position]
-                if gather.input[slot] in initializers:
-                    model.graph.initializer.remove(initializers.pop(gather.input[slot]))
-                gather.input[slot] = name
-            gather.attribute.append(helper.make_attribute("bits", 4))
-            shared = True
-            break
+        head = heads[f"{next(t for t, src in untied.items() if src == source)}_Q4"]
+        g, h = attributes(gather), attributes(head)
+        codes, scales, zeros = (numpy_helper.to_array(initializers[gather.input[i]]).astype(np.float32) for i in (0, 2, 3))
+        block = g["block_size"]
+        if (g.get("quantize_axis"), g.get("gather_axis", 0), h["bits"], h["block_size"], h["N"], h["K"]) != (
+                1, 0, 4, block, *codes.shape) or h["K"] % block:
+            continue
+        blocks = h["K"] // block
+        head_codes, head_scales, head_zeros = (numpy_helper.to_array(initializers[head.input[i]]) for i in (1, 2, 3))
+        head_scales = head_scales.reshape(h["N"], blocks)
+        head_zeros = unpack(head_zeros.reshape(h["N"], -1))[:, :blocks]
+        own = (codes.reshape(h["N"], blocks, block) - zeros[..., None]) * scales[..., None]
+        theirs = (unpack(head_codes).reshape(h["N"], blocks, block) - head_zeros[..., None]) * head_scales[..., None]
+        if np.any(np.abs(own - theirs) > 1.001 * np.maximum(scales, head_scales)[..., None]):
+            continue
+        for position, (tensor, shape) in enumerate(
+            ((head.input[1], (h["N"], -1)), (head.input[2], (h["N"], blocks)), (head.input[3], (h["N"], -1)))
+        ):
+            name = f"{gather.name}.shared_input_{position}"
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, "int64"), name + ".shape"))
+            model.graph.node.insert(0, helper.make_node("Reshape", [tensor, name + ".shape"], [name], name=name))
+            slot = (0, 2, 3)[position]
+            model.graph.initializer.remove(initializers.pop(gather.input[slot]))
+            gather.input[slot] = name
+        gather.attribute.append(helper.make_attribute("bits", 4))
+        shared = True
     return shared
 
 
@@ -187,7 +192,7 @@ def weight_summary(model) -> dict:
             weight = node.input[1]
             source = "initializer" if weight in initializers else f"{producers[weight].op_type} of initializers"
             float_matmuls.append({"node": node.name, "weight": weight, "from": source})
-        elif node.op_type not in (*QUANTIZED_OPS, "MatMul", "Gather") and any(map(is_float_matrix, node.input)):
+        elif node.op_type not in (*QUANTIZED_OPS, "MatMul", "Gather", "Reshape") and any(map(is_float_matrix, node.input)):
             float_others.append({"node": node.name, "op": node.op_type})
         elif node.op_type == "Gather" and node.input[0] in initializers and len(initializers[node.input[0]].dims) == 2:
             float_gathers.append(node.name)
