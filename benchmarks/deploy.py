@@ -134,16 +134,18 @@ def measure(exports: dict, args) -> list[dict]:
                      "decode": {}, "prefill_ms": None}
         log(f"{key[0]} {key[1]}: {rows[key]['size_mb']:.1f} MiB, ppl {ppl['ppl']:.2f} ({time.perf_counter() - tick:.0f} s)")
         del runtime
+    save(args, list(rows.values()), [])  # a run cut off later still leaves these rows
     if args.skip_speed:
         return list(rows.values())
-    runtimes = {key: ORTCausalLM(folder, threads=args.threads) for key, folder in exports.items()}
+    # One session at a time: eighteen sessions with 2048-token arenas do not fit in 24 GiB together.
     for repeat in range(args.repeats):  # interleaved: every row once per repeat
-        for key, runtime in runtimes.items():
-            row = rows[key]
+        for key, folder in exports.items():
+            runtime, row = ORTCausalLM(folder, threads=args.threads), rows[key]
             row["prefill_ms"] = min(row["prefill_ms"] or 1e18, measure_prefill(runtime, 512, tokens))
             for context in args.contexts:
                 speed = measure_speed(runtime, context, args.steps, tokens)
                 row["decode"][str(context)] = max(row["decode"].get(str(context), 0.0), speed)
+            del runtime
         log(f"speed repeat {repeat + 1}/{args.repeats} done")
     return list(rows.values())
 
@@ -162,8 +164,7 @@ def layout_study(workdir: Path, args) -> list[dict]:
         "genai: equal-width KV plan": (equal_dir, "genai"),
     }
     text = (DATA / "wiki.test.raw").read_text()
-    rows = []
-    runtimes = {}
+    rows, folders = [], {}
     for index, (name, (model_dir, layout)) in enumerate(variants.items()):
         folder = workdir / "onnx" / f"layout-{index}-{layout}"
         if not (folder / "model.onnx").is_file():
@@ -176,7 +177,8 @@ def layout_study(workdir: Path, args) -> list[dict]:
         packed = sum(2 * packed_width(sum(roles["key"]), sum(roles["value"])) for roles in kv.values())
         rows.append({"variant": name, "ppl": ppl["ppl"], "cache_bytes_per_token": cache_bytes_per_token(runtime),
                      "latent_columns": latent, "packed_columns": packed, "padded_columns": padded, "decode": {}})
-        runtimes[name] = runtime
+        folders[name] = folder
+        del runtime
         log(f"layout {name}: ppl {ppl['ppl']:.2f}, cache {rows[-1]['cache_bytes_per_token']} B/token")
     # Zero-padding: the packed graph's numbers with the narrower latent padded to the wider one. Quality is
     # that of the free plan by construction (zeros add nothing to a dot product); the cache grows to
@@ -193,11 +195,30 @@ def layout_study(workdir: Path, args) -> list[dict]:
             for row in rows:
                 if row["decode"] is None:
                     continue
-                runtime = runtimes[row["variant"]]
+                runtime = ORTCausalLM(folders[row["variant"]], threads=args.threads)
                 for context in args.contexts:
                     speed = measure_speed(runtime, context, args.steps, tokens)
                     row["decode"][str(context)] = max(row["decode"].get(str(context), 0.0), speed)
     return rows
+
+
+def save(args, rows: list[dict], layouts: list[dict]) -> dict:
+    import os
+    import platform
+
+    import onnxruntime
+
+    result = {
+        "settings": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                     "onnxruntime": onnxruntime.__version__, "threads": args.threads, "seqlen": args.seqlen,
+                     "contexts": args.contexts, "steps": args.steps, "repeats": args.repeats, "block_size": args.block_size},
+        "rows": rows,
+        "layouts": layouts,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "deploy.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "deploy.md").write_text(render(result))
+    return result
 
 
 def render(result: dict) -> str:
@@ -251,8 +272,6 @@ def main() -> int:
         return 0
     import tempfile
 
-    import onnxruntime
-
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="asvd-deploy-"))
     if workdir.exists() and not args.reuse and any(workdir.iterdir()):
         shutil.rmtree(workdir)
@@ -260,20 +279,9 @@ def main() -> int:
     log(f"workdir {workdir}")
     exports = build_exports(workdir, args)
     rows = measure(exports, args)
+    save(args, rows, [])
     layouts = [] if args.skip_layouts else layout_study(workdir, args)
-    import platform
-
-    result = {
-        "settings": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores",
-                     "onnxruntime": onnxruntime.__version__, "threads": args.threads, "seqlen": args.seqlen,
-                     "contexts": args.contexts, "steps": args.steps, "repeats": args.repeats, "block_size": args.block_size},
-        "rows": rows,
-        "layouts": layouts,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "deploy.md").write_text(render(result))
-    print(render(result))
+    print(render(save(args, rows, layouts)))
     return 0
 
 
