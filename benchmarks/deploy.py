@@ -160,7 +160,7 @@ def layout_study(workdir: Path, args) -> list[dict]:
     equal_dir = compress(label, workdir, equal_widths=True)
     variants = {
         "ours (asvd layout)": (free, "asvd"),
-        "genai: packed [k|v] halves (chosen)": (free, "genai"),
+        "genai: packed k,v halves (chosen)": (free, "genai"),
         "genai: equal-width KV plan": (equal_dir, "genai"),
     }
     text = (DATA / "wiki.test.raw").read_text()
