@@ -112,14 +112,18 @@ def cache_bytes_per_token(runtime) -> int:
     return sum(4 * int(np.prod(shape)) for shape in (runtime._shape(e, 1, 1) for e in runtime.metadata.cache))
 
 
-def measure(exports: dict, args) -> list[dict]:
+def speed_tokens(folder: Path) -> np.ndarray:
+    """Real text (the start of wiki.test.raw) as prompt and context tokens for the speed runs."""
     from transformers import AutoTokenizer
 
+    text = (DATA / "wiki.test.raw").read_text()[:60000]
+    return np.asarray(AutoTokenizer.from_pretrained(folder)(text)["input_ids"], dtype=np.int64)
+
+
+def measure(exports: dict, args) -> list[dict]:
     from exporters import ORTCausalLM
 
-    text = (DATA / "wiki.test.raw").read_text()
-    tokenizer = AutoTokenizer.from_pretrained(next(iter(exports.values())))
-    tokens = np.asarray(tokenizer(text[:60000])["input_ids"], dtype=np.int64)
+    tokens = speed_tokens(next(iter(exports.values())))
     rows = {}
     for key, folder in exports.items():
         runtime = ORTCausalLM(folder, threads=args.threads)
@@ -163,7 +167,6 @@ def layout_study(workdir: Path, args) -> list[dict]:
         "genai: packed k,v halves (chosen)": (free, "genai"),
         "genai: equal-width KV plan": (equal_dir, "genai"),
     }
-    text = (DATA / "wiki.test.raw").read_text()
     rows, folders = [], {}
     for index, (name, (model_dir, layout)) in enumerate(variants.items()):
         folder = workdir / "onnx" / f"layout-{index}-{layout}"
@@ -187,9 +190,7 @@ def layout_study(workdir: Path, args) -> list[dict]:
     rows.append({"variant": "genai: zero-pad narrower latent", "ppl": free_row["ppl"],
                  "cache_bytes_per_token": 4 * free_row["padded_columns"], "latent_columns": free_row["latent_columns"],
                  "packed_columns": None, "padded_columns": free_row["padded_columns"], "decode": None})
-    from transformers import AutoTokenizer
-
-    tokens = np.asarray(AutoTokenizer.from_pretrained(free)(text[:60000])["input_ids"], dtype=np.int64)
+    tokens = speed_tokens(free)
     if not args.skip_speed:
         for _ in range(args.repeats):
             for row in rows:
