@@ -37,7 +37,18 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="dtype the whole-model pipeline loads in (the sequential one keeps the stored dtype)")
+    parser.add_argument("--pipeline", choices=["auto", "whole", "sequential"], default="auto",
+                        help="whole model at once, one decoder block at a time, or auto (printed and recorded in the report)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GiB",
+                        help="memory the run may use (RAM on CPU, GPU memory on CUDA); default: what is free")
+    parser.add_argument("--offload-folder", default=None, help="where per-block activations wait between passes")
+    parser.add_argument("--no-sequential-calibration", dest="sequential_calibration", action="store_false",
+                        help="observe every block on the dense model's hidden states (sequential pipeline)")
+    parser.add_argument("--refit-up", action="store_true",
+                        help="least-squares refit of each up factor against the dense outputs (sequential pipeline)")
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -71,11 +82,17 @@ def run_compress(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         seqlen=args.seqlen,
         seed=args.seed,
+        pipeline=args.pipeline,
+        device=args.device,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+        sequential_calibration=args.sequential_calibration,
+        refit_up=args.refit_up,
     )
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     report = compressor.compress(config, save_dir=args.out)
     if report.ranks:
-        print(rank_summary(report.ranks, compressor.model))
+        print(rank_summary(report.ranks))
     if report.kv is not None:
         print(kv_summary(report.kv))
     print(report.summary())
