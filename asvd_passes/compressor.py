@@ -187,6 +187,8 @@ class ASVDCompressor(OptimumQuantizer):
         model = self.model.eval()
         if any(isinstance(m, (LowRankLinear, kv.LatentKVAttention)) for m in model.modules()):
             raise ValueError("This model is already ASVD-compressed; compress the original model instead")
+        # Attention the family table does not cover is refused here, before any work.
+        layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)") if config.kv_ratio is not None else None
         start = time.perf_counter()
         seconds: dict[str, float] = {}
 
@@ -197,9 +199,8 @@ class ASVDCompressor(OptimumQuantizer):
         graph_module = capture(model, windows[:1].to(model.device))
         found = find_projections(graph_module, model)
         projections = self._select(found, config, filter_fn) if config.compresses_weights else []
-        layouts, kv_sources = None, []
-        if config.kv_ratio is not None:
-            layouts = kv.find_attention_layers(model)
+        kv_sources = []
+        if layouts is not None:
             kv_sources = list(dict.fromkeys(layout.source(role) for layout in layouts for role in kv.plan.ROLES))
             by_name = {p.name: p for p in found}
             missing = [name for name in kv_sources if name not in by_name]
