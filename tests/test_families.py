@@ -116,3 +116,21 @@ def test_issue_gemma2_full_rank_latent_reloads_exactly(tokens, tmp_path):
             out = loaded(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-4)
+
+
+def test_llama3_rope_scaling_changes_the_frequencies_it_rotates_with(tiny_model):
+    """The llama3 family of the matrix really runs scaled RoPE (else its exactness test would prove nothing new)."""
+    scaled, plain = tiny_model("llama3"), tiny_model("llama")
+    assert scaled.config.rope_parameters["rope_type"] == "llama3"
+    assert not torch.allclose(scaled.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
+
+
+def test_gpt_neox_latent_query_is_the_interleaved_query_rows(tiny_model, tokens):
+    """GPT-NeoX's fused projection is per head [q_h | k_h | v_h]: the latent attention's q_proj holds the q_h rows."""
+    dense, model = tiny_model("gpt_neox"), tiny_model("gpt_neox")
+    kv_compress(model, tokens, param_ratio=None, kv_ratio=0.5)
+    fused = dense.gpt_neox.layers[0].attention.query_key_value
+    d = 8
+    query = model.gpt_neox.layers[0].attention.q_proj
+    per_head = fused.weight.view(4, 3, d, -1)[:, 0].reshape(-1, fused.in_features)
+    assert torch.equal(query.weight, per_head) and torch.equal(query.bias, fused.bias.view(4, 3, d)[:, 0].reshape(-1))
