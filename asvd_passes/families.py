@@ -159,7 +159,10 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _attention_class(block: nn.Module, family: Family) -> bool:
-    return type(getattr(block, family.attention, None)).__name__ in family.attention_classes
+    attention = getattr(block, family.attention, None)
+    if getattr(attention, "family", None) is family:  # already a LatentKVAttention built from this family
+        return True
+    return type(attention).__name__ in family.attention_classes
 
 
 # -- attention modules ---------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def family_of(model: nn.Module, purpose: str = "a latent KV cache") -> Family:
             attention = getattr(block, family.attention, None)
             if isinstance(attention, LatentKVAttention):
                 return attention.family
-            if attention is not None and type(attention).__name__ in family.attention_classes:
+            if attention is not None and _attention_class(block, family):
                 return family
         found |= {type(m).__name__ for m in block.modules() if type(m).__name__.endswith("Attention")}
     names = ", ".join(sorted(found)) or f"no attention module in the blocks of {type(model).__name__}"

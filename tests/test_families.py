@@ -29,6 +29,15 @@ def test_every_family_is_in_the_table(family, tiny_model):
     assert ap.decoder_blocks(model)[1] is blocks
 
 
+def test_a_latent_model_keeps_its_family_and_blocks(tiny_model, tokens):
+    for family in ("gpt_neox", "gemma3"):
+        model = tiny_model(family)
+        before = family_of(model), decoder_blocks(model)
+        kv_compress(model, tokens, param_ratio=None, kv_ratio=0.5)
+        assert isinstance(before[1][1][0].get_submodule(before[0].attention), LatentKVAttention)
+        assert family_of(model) is before[0] and decoder_blocks(model)[0] == before[1][0]
+
+
 def test_decoder_blocks_fall_back_to_the_layer_list_for_unknown_models():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(

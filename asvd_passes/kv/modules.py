@@ -136,6 +136,8 @@ class LatentKVAttention(nn.Module):
         if family.qk_norm is not None:
             self.q_norm, self.k_norm = dense.q_norm, dense.k_norm
         # Shared with the model, not owned: kept out of this module's state dict.
+        if family.positions == "rope" and key_embeddings is None:
+            raise ValueError(f"{layout.name}: a RoPE family ({family.name}) needs the model's KeyPositionEmbeddings")
         self.__dict__["key_embeddings"] = key_embeddings if family.positions == "rope" else None
         module = sys.modules[type(dense).__module__]
         self.__dict__["apply_rotary"] = getattr(module, "apply_rotary_pos_emb", None) if family.positions == "rope" else None
