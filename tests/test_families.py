@@ -143,3 +143,22 @@ def test_gpt_neox_latent_query_is_the_interleaved_query_rows(tiny_model, tokens)
     query = model.gpt_neox.layers[0].attention.q_proj
     per_head = fused.weight.view(4, 3, d, -1)[:, 0].reshape(-1, fused.in_features)
     assert torch.equal(query.weight, per_head) and torch.equal(query.bias, fused.bias.view(4, 3, d)[:, 0].reshape(-1))
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+    dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16),
+])
+def test_other_static_rope_scalings_are_exact_with_a_full_rank_latent(rope, tokens):
+    """The table accepts the static RoPE types besides llama3; a full-rank latent reproduces prefill + decode."""
+    dense, model = _with("llama", rope_parameters=rope), _with("llama", rope_parameters=rope)
+    kv_compress(model, tokens, param_ratio=None, kv_ratio=1.0)
+    ids = tokens(2, 24, seed=1)
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+        out = model(input_ids=ids[:, :8], use_cache=True)
+        steps = [out.logits]
+        for t in range(8, 24):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-4)
