@@ -84,6 +84,12 @@ def test_unknown_attention_class_is_refused(tokens):
         find_attention_layers(model)
     with pytest.raises(UnsupportedModelError, match="GPTJAttention.*Weight-only compression"):
         kv_compress(model, tokens, param_ratio=None, kv_ratio=0.5)
+    # Weight-only compression runs, and inspect reports its ranks with no KV ratio.
+    from asvd_passes.inspect_model import inspect_model
+
+    kv_compress(model, tokens, param_ratio=0.8)
+    info = inspect_model(model)
+    assert info["ranks"] and info["kv_ratio"] is None and info["dense_kv_bytes_per_token"] is None
     from exporters import export_onnx
 
     with pytest.raises(UnsupportedModelError, match="GPTJAttention.*The ONNX export"):
