@@ -61,7 +61,6 @@ class Family:
     softcap: bool = False  # passes config.attn_logit_softcapping to the attention function
     sliding: str = "none"  # "none" | "config" (config.sliding_window, every layer) | "layer" (module.sliding_window)
     cache_kwarg: str = "past_key_values"  # how the decoder layer hands the cache to the attention
-    transposed_weights: bool = False  # GPT-2's Conv1D stores weights in × out
 
     # -- per module ----------------------------------------------------------------------------
     def head_geometry(self, module: nn.Module, config) -> tuple[int, int, int]:
@@ -120,7 +119,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("opt", ("OPTAttention",), blocks="model.decoder.layers", attention="self_attn", output="out_proj",
            positions="learned", rotary=None),
     Family("gpt2", ("GPT2Attention",), blocks="transformer.h", attention="attn", output="c_proj", fused="c_attn",
-           positions="learned", rotary=None, transposed_weights=True),
+           positions="learned", rotary=None),
     Family("gpt_neox", ("GPTNeoXAttention",), blocks="gpt_neox.layers", attention="attention", output="dense",
            fused="query_key_value", interleaved=True, rotary="gpt_neox.rotary_emb", cache_kwarg="layer_past"),
 )

@@ -60,7 +60,7 @@ class ExportMetadata:
     kv_ranks: dict = field(default_factory=dict)  # attention name -> {"key": [...], "value": [...]}
     kv_group_size: int | None = None
     weight_ranks: dict = field(default_factory=dict)
-    rope: dict | None = None  # {"theta": ..., "rotary_dim": ..., "scaling": ...} or None
+    rope: dict | None = None  # {"theta", "rotary_dim" (per layer type for Gemma 3), "parameters", "applied"} or None
     bos_token_id: int | None = None
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
