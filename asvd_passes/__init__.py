@@ -2,6 +2,7 @@
 
 from . import hf_quantizer as _hf_quantizer  # noqa: F401  (registers "asvd" with transformers)
 from .compressor import ASVDCompressor, CompressionReport, NoProjectionsError
+from .families import UnsupportedModelError, decoder_blocks
 from .config import ASVDConfig
 from .data import CalibrationError
 from .evaluate import perplexity
@@ -18,6 +19,8 @@ __all__ = [
     "CorruptCompressedModelError",
     "LowRankLinear",
     "NoProjectionsError",
+    "UnsupportedModelError",
+    "decoder_blocks",
     "NonFiniteActivationError",
     "TraceError",
     "perplexity",

@@ -133,7 +133,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"param ratio {info['param_ratio']}, KV ratio {info['kv_ratio']:.4f}: "
+        kv_ratio = f"{info['kv_ratio']:.4f}" if info["kv_ratio"] is not None else "unknown (attention family not in the table)"
+        print(f"param ratio {info['param_ratio']}, KV ratio {kv_ratio}: "
               f"{info['kv_bytes_per_token']} cache bytes per token (dense {info['dense_kv_bytes_per_token']})")
     return 0
 

@@ -123,6 +123,10 @@ class ASVDCompressor(OptimumQuantizer):
         model = self.model.eval()
         if any(isinstance(m, (LowRankLinear, LatentKVAttention)) for m in model.modules()):
             raise ValueError("This model is already ASVD-compressed; compress the original model instead")
+        if config.kv_ratio is not None:  # attention the family table does not cover is refused before any work
+            from . import kv
+
+            kv.find_attention_layers(model, "The KV pass (--kv-ratio)")
         start = time.perf_counter()
         windows = self._calibration(config, calibration)
         data_seconds = time.perf_counter() - start

@@ -60,7 +60,7 @@ class ExportMetadata:
     kv_ranks: dict = field(default_factory=dict)  # attention name -> {"key": [...], "value": [...]}
     kv_group_size: int | None = None
     weight_ranks: dict = field(default_factory=dict)
-    rope: dict | None = None  # {"theta": ..., "rotary_dim": ..., "scaling": ...} or None
+    rope: dict | None = None  # {"theta", "rotary_dim" (per layer type for Gemma 3), "parameters", "applied"} or None
     bos_token_id: int | None = None
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
@@ -113,7 +113,7 @@ def _cache_entries(model: nn.Module, layout: str = "asvd") -> tuple[str, list[Ca
     from asvd_passes.kv import find_attention_layers
 
     entries = []
-    for layout in sorted(find_attention_layers(model), key=lambda l: l.layer_idx):
+    for layout in sorted(find_attention_layers(model, "The ONNX export"), key=lambda l: l.layer_idx):
         i = layout.layer_idx
         for role in ("key", "value"):
             entries.append(CacheEntry(i, role, f"past_key_values.{i}.{role}", f"present.{i}.{role}",
@@ -173,18 +173,9 @@ class CacheIO(nn.Module):
 
 
 def _rope_settings(model: nn.Module) -> dict | None:
-    from asvd_passes.kv.modules import rotary_embedding
+    from asvd_passes.families import rope_settings
 
-    rotary = rotary_embedding(model)
-    if rotary is None:
-        return None
-    config = model.config
-    return {
-        "rotary_dim": int(2 * rotary.inv_freq.numel()),
-        "theta": getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta"),
-        "parameters": getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None),
-        "applied": "after rebuilding K from the latent" ,
-    }
+    return rope_settings(model)
 
 
 @contextlib.contextmanager
@@ -242,6 +233,7 @@ def export_onnx(
     """
     import onnx
 
+    from asvd_passes.families import check_latent_support
     from asvd_passes.models import load_model_and_tokenizer
     from asvd_passes.serialization import atomic_directory
 
@@ -266,6 +258,7 @@ def export_onnx(
         model = model_or_path
     else:
         model, tokenizer = load_model_and_tokenizer(model_or_path)
+    check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     model = model.to(device=device, dtype=torch_dtype).eval()
     previous_attention = model.config._attn_implementation
@@ -331,7 +324,7 @@ def export_onnx(
         model.set_attn_implementation(previous_attention)
         for attention in _latent_attentions(model):  # drop the traced (fake) tensors the RoPE cache kept
             if attention.key_embeddings is not None:
-                attention.key_embeddings._last = None
+                attention.key_embeddings.clear()
     return metadata
 
 

@@ -36,6 +36,8 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     check_budget(estimate(model, model.get_submodule(prefix), config.calib_samples, config.seqlen), config.max_memory)
     if any(type(m).__name__ in ("LowRankLinear", "LatentKVAttention") for m in model.modules()):
         raise ValueError("This model is already ASVD-compressed; compress the original model instead")
+    # Attention the family table does not cover is refused before any work.
+    layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)") if config.kv_ratio is not None else None
     storage_dtype = next(model.parameters()).dtype
     # CPU kernels are slow (or missing) in half precision: compute in float32, store in the model's dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else None
@@ -46,7 +48,6 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     compressor._model = model if not offloaded else None
     windows = _calibration(compressor, model, config, calibration)
     seconds = {"calibration_data": time.perf_counter() - tick}
-    layouts = kv.find_attention_layers(model) if config.kv_ratio is not None else None
     params_before = model_params(model)
 
     def select(name, module):

@@ -120,7 +120,7 @@ class WholeModelPipeline:
         projections = select_projections(model, found, config, filter_fn) if config.compresses_weights else []
         layouts, kv_sources = None, []
         if config.kv_ratio is not None:
-            layouts = kv.find_attention_layers(model)
+            layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)")
             kv_sources = list(dict.fromkeys(layout.source(role) for layout in layouts for role in kv.plan.ROLES))
             by_name = {p.name: p for p in found}
             missing = [name for name in kv_sources if name not in by_name]
