@@ -34,6 +34,7 @@ SHAPES = {
     "1b-width": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),  # smoke test
 }
 
 
@@ -99,12 +100,12 @@ def child(args) -> int:
     seconds = time.perf_counter() - tick
     peak_gpu = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
     print("ROW " + json.dumps(dict(seconds=seconds, peak_rss_gib=report.peak_rss_mib / 1024, peak_gpu_gib=peak_gpu,
-                                   achieved=report.selected_ratio, pipeline=report.pipeline, stages=report.seconds)), flush=True)
+                                   achieved=report.selected_ratio, chosen=report.pipeline, stages=report.seconds)), flush=True)
     return 0
 
 
 def run_row(label, model, pipeline, args, params, layers) -> dict:
-    out = Path(args.workdir) / "out" / f"{label}-{pipeline}"
+    out = Path(args.workdir) / "out" / f"{Path(str(model)).name}-{pipeline}"
     command = [sys.executable, __file__, "--child", "--model", str(model), "--pipeline", pipeline,
                "--device", args.device, "--ratio", str(args.ratio), "--out", str(out),
                "--calib-samples", str(args.calib_samples if model != "smollm2" else 16),
@@ -151,7 +152,10 @@ def main() -> int:
         if key == "smollm2":
             label, model, params, layers = "SmolLM2-135M (real)", "smollm2", 134_515_008, 30
         else:
-            shape, layers = ("1b-width", int(key.split("-")[1])) if key.startswith("1b-") else (key, {"3b": args.layers_3b, "7b": 32}[key])
+            # "1b-16": the 1B width at 16 layers; "7b-8": the 7B shape at 8 layers; "3b": at --layers-3b.
+            name, _, count = key.rpartition("-") if key[-1].isdigit() and "-" in key else (key, "", "")
+            shape = "1b-width" if name == "1b" else name
+            layers = int(count) if count else {"3b": args.layers_3b, "7b": 32}[key]
             label = f"{shape} random, {layers} layers, bf16"
             model = workdir / "models" / f"{shape}-{layers}"
             tick = time.perf_counter()

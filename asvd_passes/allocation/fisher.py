@@ -20,10 +20,10 @@ from .budget import greedy_plan
 def loss_cost_curve(svd: ScaledSVD, fisher: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
     """``curve[r]`` = predicted loss increase when keeping rank r (curve[max_rank] = 0)."""
     energy = svd.sigma.pow(2)
-    output_weight = (svd.u.pow(2) * fisher.to(svd.u.dtype)[:, None]).sum(0)  # u_kᵀ F u_k
+    output_weight = (svd.u.pow(2) * fisher.to(svd.u.device, svd.u.dtype)[:, None]).sum(0)  # u_kᵀ F u_k
     if gram is not None and not isinstance(svd.scaling, WhiteningScaling):
         directions = svd.scaling.unapply(svd.vh)  # rows m_k = v_kᵀ S⁻¹
-        input_weight = ((directions @ gram) * directions).sum(1)  # m_k G m_kᵀ
+        input_weight = ((directions @ gram.to(directions.device)) * directions).sum(1)  # m_k G m_kᵀ
     else:
         input_weight = torch.ones_like(energy)
     terms = energy * output_weight * input_weight

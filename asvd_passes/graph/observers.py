@@ -44,14 +44,23 @@ class InputStatistics(nn.Module):
                 f"NaN or Inf activations reach {', '.join(self.consumers)}; "
                 "check the model weights, dtype (fp16 overflow?) and calibration text"
             )
+        self._follow(flat.device)
         self.count += flat.shape[0]
         if "abs_mean" in self.statistics or "abs_max" in self.statistics:
             magnitude = flat.abs()
-            self.abs_sum += magnitude.sum(0, dtype=torch.float64).cpu()
-            self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0).float().cpu())
+            self.abs_sum += magnitude.sum(0, dtype=torch.float64)
+            self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0).float())
         if self.gram is not None:
             wide = flat.double()
-            self.gram += (wide.T @ wide).cpu()
+            self.gram.addmm_(wide.T, wide)
+
+    def _follow(self, device: torch.device) -> None:
+        """Accumulate where the activations are (a GPU run keeps its statistics on the GPU)."""
+        if self.abs_sum.device != device:
+            for name in ("abs_sum", "abs_max", "gram", "cross"):
+                value = getattr(self, name, None)
+                if value is not None:
+                    setattr(self, name, value.to(device))
 
     def abs_mean(self) -> torch.Tensor:
         if self.count == 0:
@@ -82,5 +91,5 @@ class PairedInputStatistics(InputStatistics):
         super().forward(x)
         if self._kept is None:
             raise RuntimeError(f"{', '.join(self.consumers)}: compressed-path input without its reference")
-        self.cross += (self._kept.T @ flat.double()).cpu()
+        self.cross.addmm_(self._kept.T, flat.double())
         self._kept = None

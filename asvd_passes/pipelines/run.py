@@ -61,6 +61,7 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
 
     if not offloaded:
         result = run()
+        weights.finish()
         compressor.model = model
         report = _report(compressor, model, config, result, windows, params_before, seconds, start, source)
         _set_quantization_config(model, config, result, windows, source)

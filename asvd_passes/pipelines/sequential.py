@@ -301,23 +301,33 @@ class SequentialPipeline:
         """∂(summed token loss)/∂(last block output) per sensitivity window; blocks are bypassed."""
         grads = []
         layers = self.layers
-        for position, h in enumerate(last_hidden):
-            leaf = h.to(self.device, self._storage_dtype).detach().requires_grad_(True)
-
-            def make_forward(index):
-                def forward(hidden_states, *args, **kwargs):
-                    return leaf if index == len(layers) - 1 else hidden_states
-
-                return forward
-
-            ids = self.windows[position][None].to(self.device)
-            with _patched_forwards(layers, make_forward), torch.enable_grad():
-                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-                (loss * (ids.shape[1] - 1)).backward()
-            grads.append(leaf.grad.detach().cpu())
-        for p in self.model.parameters():
-            p.grad = None
+        # Only the hidden state needs a gradient: no weight gradients (the LM head's alone is vocab × hidden).
+        flags = {p: p.requires_grad for p in self.model.parameters()}
+        for p in flags:
+            p.requires_grad_(False)
+        try:
+            for position, h in enumerate(last_hidden):
+                grads.append(self._head_gradient(position, h))
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
         return grads
+
+    def _head_gradient(self, position: int, h: torch.Tensor) -> torch.Tensor:
+        layers = self.layers
+        leaf = h.to(self.device, self._storage_dtype).detach().requires_grad_(True)
+
+        def make_forward(index):
+            def forward(hidden_states, *args, **kwargs):
+                return leaf if index == len(layers) - 1 else hidden_states
+
+            return forward
+
+        ids = self.windows[position][None].to(self.device)
+        with _patched_forwards(layers, make_forward), torch.enable_grad():
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss * (ids.shape[1] - 1)).backward()
+        return leaf.grad.detach().cpu()
 
     def _block_fisher(self, block, prefix, names, inputs, grads, call):
         """Diagonal Fisher of each named projection's output in one block, and the gradient at its input."""

@@ -54,6 +54,10 @@ class ResidentWeights:
     def release(self, prefix: str, block: nn.Module, dtype: torch.dtype) -> None:
         block.to(self.storage_device, dtype=dtype)
 
+    def finish(self) -> None:
+        """The whole model back where it was stored (the parts outside the blocks were on the device)."""
+        self.model.to(self.storage_device)
+
 
 class ShardedWeights:
     """A checkpoint folder of safetensors shards, read one module at a time."""
@@ -103,6 +107,10 @@ class ShardedWeights:
                 continue  # a key this model does not use (e.g. a tied duplicate); from_pretrained ignores it too
             # accelerate casts to the (meta) parameter's dtype unless told otherwise.
             set_module_tensor_to_device(module, name, self.device, value=value, dtype=dtype or value.dtype)
+        # Buffers not in the checkpoint (non-persistent: rotary tables) were built on the CPU at init.
+        for name, buffer in list(module.named_buffers()):
+            if buffer.device.type != "meta" and buffer.device != self.device:
+                set_module_tensor_to_device(module, name, self.device, value=buffer)
         missing = [name for name, tensor in _module_tensors(module) if tensor.device.type == "meta"]
         if missing:
             raise ValueError(f"{self.folder}: the checkpoint has no tensor for {prefix + '.' if prefix else ''}{missing[0]}")
@@ -118,6 +126,9 @@ class ShardedWeights:
             set_module_tensor_to_device(self.model, key, self.device, value=value)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
+        for name, buffer in list(self.model.named_buffers()):
+            if not name.startswith(blocks_prefix + ".") and buffer.device.type != "meta" and buffer.device != self.device:
+                set_module_tensor_to_device(self.model, name, self.device, value=buffer)
         blocks = self.model.get_submodule(blocks_prefix)
         for name, tensor in _module_tensors(self.model):
             if tensor.device.type == "meta" and not name.startswith(blocks_prefix + "."):
@@ -129,7 +140,14 @@ class ShardedWeights:
         return block
 
     def release(self, prefix: str, block: nn.Module, dtype: torch.dtype) -> None:
-        block.to("meta")
+        """Parameters go back to the meta device; buffers (not in the checkpoint) stay for the next load."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(block.named_parameters()):
+            set_module_tensor_to_device(block, name, "meta")
+
+    def finish(self) -> None:
+        pass
 
 
 class ShardWriter:
