@@ -19,6 +19,7 @@ blocks before it; off, on the dense model's (then the factors equal the whole-mo
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import time
@@ -112,6 +113,12 @@ class SequentialPipeline:
         # Blocks may compute in another dtype than they are stored in (float32 on CPU).
         self.compute_dtype = getattr(weights, "compute_dtype", None) or self._storage_dtype
 
+    def _release(self, prefix: str, block: nn.Module, dtype: torch.dtype) -> None:
+        self.weights.release(prefix, block, dtype)
+        # Captured graphs hold the block's tensors inside reference cycles (graph <-> nodes <-> module);
+        # without a collection they outlive the block, and memory grows with the depth.
+        gc.collect()
+
     def _feed(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.compute_dtype)
 
@@ -159,7 +166,7 @@ class SequentialPipeline:
             if not selected:
                 raise NoProjectionsError("No projection is left to compress after the filters")
         finally:
-            self.weights.release(f"{self.prefix}.0", self.layers[0], self._storage_dtype)
+            self._release(f"{self.prefix}.0", self.layers[0], self._storage_dtype)
         relative = [p.name[len(self._name(0, "")):] for p in selected]
         shapes = {}
         for index, layer in enumerate(self.layers):
@@ -258,7 +265,7 @@ class SequentialPipeline:
                 block = self.weights.load(self._name(index, "")[:-1], layer)
                 with torch.no_grad():
                     current = [run_block(block, self._feed(x), calls[index]).cpu() for x in current]
-                self.weights.release(self._name(index, "")[:-1], layer, self._storage_dtype)
+                self._release(self._name(index, "")[:-1], layer, self._storage_dtype)
             grads = self._head_gradients(current[:samples])
             del current
             curves, kv_costs = {}, {}
@@ -292,7 +299,7 @@ class SequentialPipeline:
                         gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
                         kv_costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
                 del statistics, scalings, inputs
-                self.weights.release(prefix, layer, self._storage_dtype)
+                self._release(prefix, layer, self._storage_dtype)
         finally:
             store.close()
         return curves, kv_costs
@@ -435,4 +442,4 @@ class SequentialPipeline:
             del graph, statistics, scalings, replacements
             if self.on_block_done is not None:
                 self.on_block_done(prefix, self.layers[index])
-            self.weights.release(prefix, self.layers[index], self._storage_dtype)
+            self._release(prefix, self.layers[index], self._storage_dtype)
