@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
+from .config import DEFAULT_PARAM_RATIO
+
 DEFAULT_METHOD = "whiten"
 DEFAULT_ALLOCATION = "fisher"
-DEFAULT_PARAM_RATIO = 0.9
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD)
     parser.add_argument("--param-ratio", type=float, default=None,
-                        help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with --kv-ratio alone)")
+                        help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with "
+                             "--kv-ratio, --ranks or --ppl-target: those alone leave the other weights dense)")
     parser.add_argument("--kv-ratio", type=float, default=None,
                         help="latent KV cache: cached latent width / dense K+V width, in (0, 1]")
     parser.add_argument("--kv-group-size", type=int, default=None,
@@ -40,22 +42,17 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
 
 
-def run_compress(args: argparse.Namespace) -> int:
-    import torch
-
-    from .compressor import ASVDCompressor
+def compress_config(args: argparse.Namespace):
+    """The ``ASVDConfig`` of ``asvd compress`` arguments; an absent ``--param-ratio`` is the config's default rule."""
     from .config import ASVDConfig
 
     ranks = None
     if args.ranks:
         with open(args.ranks, encoding="utf-8") as handle:
             ranks = json.load(handle)
-    param_ratio = args.param_ratio
-    if param_ratio is None and args.ppl_target is None and args.kv_ratio is None and not ranks:
-        param_ratio = DEFAULT_PARAM_RATIO
-    config = ASVDConfig(
+    return ASVDConfig(
         method=args.method,
-        param_ratio=param_ratio,
+        param_ratio=args.param_ratio,
         kv_ratio=args.kv_ratio,
         kv_group_size=args.kv_group_size,
         kv_allocation=args.kv_allocation,
@@ -72,6 +69,14 @@ def run_compress(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         seed=args.seed,
     )
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compressor import ASVDCompressor
+
+    config = compress_config(args)
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     report = compressor.compress(config, save_dir=args.out)
     if report.ranks:

@@ -8,6 +8,7 @@ METHODS = ("svd", "asvd", "whiten")
 ALLOCATIONS = ("uniform", "strs", "fisher")
 DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
+DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
 
 
@@ -16,8 +17,13 @@ class ASVDConfig(BaseConfig):
 
     Args:
         method: ``svd`` (S = I), ``asvd`` (S = diag(stat|x|^alpha)) or ``whiten`` (S = chol(XᵀX)).
-        param_ratio: kept / original parameters of the selected projections, in (0, 1].
-        ranks: explicit ``{module_name: rank}``; overrides ``param_ratio`` for the names it lists.
+        param_ratio: kept / original parameters of the selected projections, in (0, 1]. ``None`` (the
+            default) means 0.9 when nothing else is asked for, and no weight compression when
+            ``ranks``, ``ppl_target`` or ``kv_ratio`` is given: ``ASVDConfig(kv_ratio=0.5)`` compresses
+            only K/V, like ``asvd compress --kv-ratio 0.5``. Give ``param_ratio`` explicitly to
+            compress the weights as well.
+        ranks: explicit ``{module_name: rank}``; alone, only the names it lists are factored; with
+            ``param_ratio`` it overrides the allocation for the names it lists.
         alpha: ASVD exponent on the activation statistic.
         asvd_statistic: ``abs_mean`` (the paper) or ``abs_max`` for the ``asvd`` method.
         allocation: how ranks are chosen under the budget: ``uniform`` (one ratio everywhere),
@@ -30,7 +36,8 @@ class ASVDConfig(BaseConfig):
         calibration: ``None``/``"selfgen"``, a text file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
         calib_samples, seqlen, seed: calibration set shape and seed.
         kv_ratio: latent KV cache width / dense K+V width, in (0, 1]; ``None`` leaves K/V alone.
-            With ``param_ratio`` too, the weight budget covers the other projections.
+            Alone it leaves the weights dense; with ``param_ratio`` too, the weight budget covers the
+            other projections.
         kv_group_size: KV heads per latent group (``None``: one latent shared by all KV heads).
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
@@ -45,7 +52,7 @@ class ASVDConfig(BaseConfig):
     def __init__(
         self,
         method: str = "whiten",
-        param_ratio: float | None = 0.9,
+        param_ratio: float | None = None,
         ranks: dict[str, int] | None = None,
         alpha: float = 0.5,
         asvd_statistic: str = "abs_mean",
@@ -67,6 +74,8 @@ class ASVDConfig(BaseConfig):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if param_ratio is None and not ranks and ppl_target is None and kv_ratio is None:
+            param_ratio = DEFAULT_PARAM_RATIO  # nothing asked for: compress the weights at the default ratio
         self.method = method
         self.param_ratio = param_ratio
         self.ranks = dict(ranks) if ranks else None

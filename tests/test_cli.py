@@ -96,6 +96,26 @@ def test_optimum_cli_plugin_exposes_compress():
         assert flag in result.stdout
 
 
+@pytest.mark.parametrize(
+    "argv, kwargs, param_ratio, weights",
+    [
+        ([], {}, 0.9, True),  # nothing asked for: weights at the default ratio
+        (["--kv-ratio", "0.5"], dict(kv_ratio=0.5), None, False),  # a KV ratio alone: K/V only, weights dense
+        (["--kv-ratio", "0.5", "--param-ratio", "0.8"], dict(kv_ratio=0.5, param_ratio=0.8), 0.8, True),
+        (["--allocation", "strs", "--ppl-target", "40"], dict(allocation="strs", ppl_target=40.0), None, True),
+    ],
+)
+def test_cli_and_python_share_one_param_ratio_rule(argv, kwargs, param_ratio, weights):
+    from asvd_passes import ASVDConfig
+    from asvd_passes.cli import build_parser, compress_config
+
+    cli = compress_config(build_parser().parse_args(["compress", "--out", "unused", *argv]))
+    python = ASVDConfig(calibration="selfgen", **kwargs)  # the CLI's --calib default
+    assert python.param_ratio == cli.param_ratio == param_ratio
+    assert python.compresses_weights == cli.compresses_weights == weights
+    assert python.to_dict() == cli.to_dict()
+
+
 def test_kv_compress_then_inspect_json(tiny_folder, tmp_path):
     out = tmp_path / "out"
     result = run("compress", str(tiny_folder), "--out", str(out), "--kv-ratio", "0.5", "--kv-group-size", "1",

@@ -73,7 +73,6 @@ def test_bad_param_ratio(ratio):
     [
         (dict(method="pca"), "Unknown method"),
         (dict(asvd_statistic="median"), "Unknown asvd_statistic"),
-        (dict(param_ratio=None), "param_ratio in"),
         (dict(alpha=-1.0), "alpha must be"),
         (dict(calib_samples=0), "calib_samples"),
         (dict(seqlen=1), "seqlen"),
@@ -82,6 +81,13 @@ def test_bad_param_ratio(ratio):
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ap.ASVDConfig(**kwargs)
+
+
+def test_config_with_nothing_to_compress_is_an_error():
+    config = ap.ASVDConfig(method="svd", allocation="uniform", kv_ratio=0.5)  # K/V only; weights dense
+    config.kv_ratio = None  # now nothing at all is asked for
+    with pytest.raises(ValueError, match="Give a param_ratio in"):
+        config.validate()
 
 
 def test_config_mutated_after_construction_is_revalidated(tiny_model, tokens):
