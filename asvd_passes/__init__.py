@@ -4,6 +4,8 @@ from . import hf_quantizer as _hf_quantizer  # noqa: F401  (registers "asvd" wit
 from .compressor import ASVDCompressor, CompressionReport, NoProjectionsError
 from .config import ASVDConfig
 from .data import CalibrationError
+from .errors import (ASVDError, InvalidInputError, MissingDependencyError, MissingFileError, OutputExistsError,
+                     UnavailableError)
 from .evaluate import perplexity
 from .graph import NonFiniteActivationError, TraceError
 from .hf_quantizer import ASVDQuantizationConfig, CorruptCompressedModelError
@@ -12,14 +14,20 @@ from .modules import LowRankLinear
 __all__ = [
     "ASVDCompressor",
     "ASVDConfig",
+    "ASVDError",
     "ASVDQuantizationConfig",
     "CalibrationError",
     "CompressionReport",
     "CorruptCompressedModelError",
+    "InvalidInputError",
     "LowRankLinear",
+    "MissingDependencyError",
+    "MissingFileError",
     "NoProjectionsError",
     "NonFiniteActivationError",
+    "OutputExistsError",
     "TraceError",
+    "UnavailableError",
     "perplexity",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import ASVDConfig
 from .data import calibration_windows
 from .decompose import ScaledSVD
+from .errors import InvalidInputError
 from .graph import (
     InsertObserversPass,
     RemoveObserversPass,
@@ -44,7 +45,7 @@ REPORT_FILE = "asvd_report.json"
 RANKS_PLOT = "ranks.png"
 
 
-class NoProjectionsError(ValueError):
+class NoProjectionsError(InvalidInputError):
     """The model has no linear projection that could be compressed."""
 
 
@@ -186,7 +187,7 @@ class ASVDCompressor(OptimumQuantizer):
         config.validate()
         model = self.model.eval()
         if any(isinstance(m, (LowRankLinear, kv.LatentKVAttention)) for m in model.modules()):
-            raise ValueError("This model is already ASVD-compressed; compress the original model instead")
+            raise InvalidInputError("This model is already ASVD-compressed; compress the original model instead")
         start = time.perf_counter()
         seconds: dict[str, float] = {}
 
@@ -341,15 +342,15 @@ class ASVDCompressor(OptimumQuantizer):
     def _calibration(self, config: ASVDConfig, calibration) -> torch.Tensor:
         if isinstance(calibration, torch.Tensor):
             if calibration.dim() != 2 or calibration.shape[1] < 2:
-                raise ValueError("calibration tensor must be (samples, seqlen) token ids")
+                raise InvalidInputError("calibration tensor must be (samples, seqlen) token ids")
             return calibration.long().cpu()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and config.seqlen > limit:
-            raise ValueError(f"seqlen {config.seqlen} is longer than the model's {limit} positions")
+            raise InvalidInputError(f"seqlen {config.seqlen} is longer than the model's {limit} positions")
         source = calibration if calibration is not None else config.calibration
         if source not in (None, "selfgen") or config.statistics:
             if self.tokenizer is None:
-                raise ValueError("calibration from text needs a tokenizer: use from_pretrained or pass token ids")
+                raise InvalidInputError("calibration from text needs a tokenizer: use from_pretrained or pass token ids")
         if self.tokenizer is None:
             # Plain SVD needs no statistics; a tracing example of random ids is enough.
             generator = torch.Generator().manual_seed(config.seed)

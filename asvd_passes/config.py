@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from optimum.configuration_utils import BaseConfig
 
+from .errors import InvalidInputError
+
 METHODS = ("svd", "asvd", "whiten")
 ALLOCATIONS = ("uniform", "strs", "fisher")
 DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -100,34 +102,34 @@ class ASVDConfig(BaseConfig):
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise InvalidInputError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.asvd_statistic not in ASVD_STATISTICS:
-            raise ValueError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
+            raise InvalidInputError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+            raise InvalidInputError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.ppl_target is not None and self.allocation != "strs":
-            raise ValueError("ppl_target needs allocation='strs'")
+            raise InvalidInputError("ppl_target needs allocation='strs'")
         if self.param_ratio is None and not self.ranks and self.ppl_target is None and self.kv_ratio is None:
-            raise ValueError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map or a kv_ratio")
+            raise InvalidInputError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map or a kv_ratio")
         if self.kv_ratio is not None and not (0.0 < float(self.kv_ratio) <= 1.0):
-            raise ValueError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
+            raise InvalidInputError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
         if self.kv_allocation not in KV_ALLOCATIONS:
-            raise ValueError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
+            raise InvalidInputError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
         if self.kv_group_size is not None and (not isinstance(self.kv_group_size, int) or self.kv_group_size < 1):
-            raise ValueError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
+            raise InvalidInputError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
         if self.rank_multiple < 1 or self.sensitivity_samples < 1:
-            raise ValueError("rank_multiple and sensitivity_samples must be >= 1")
+            raise InvalidInputError("rank_multiple and sensitivity_samples must be >= 1")
         if not self.strs_candidates or not all(0.0 < c < 1.0 for c in self.strs_candidates):
-            raise ValueError(f"strs_candidates must lie in (0, 1), got {self.strs_candidates}")
+            raise InvalidInputError(f"strs_candidates must lie in (0, 1), got {self.strs_candidates}")
         if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
-            raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio}")
+            raise InvalidInputError(f"param_ratio must lie in (0, 1], got {self.param_ratio}")
         if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+            raise InvalidInputError(f"alpha must be >= 0, got {self.alpha}")
         if self.calib_samples < 1 or self.seqlen < 2:
-            raise ValueError("calib_samples must be >= 1 and seqlen >= 2")
+            raise InvalidInputError("calib_samples must be >= 1 and seqlen >= 2")
         for name, rank in (self.ranks or {}).items():
             if not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"rank for {name!r} must be a positive integer, got {rank!r}")
+                raise InvalidInputError(f"rank for {name!r} must be a positive integer, got {rank!r}")
 
     @property
     def statistics(self) -> tuple[str, ...]:

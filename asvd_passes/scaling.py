@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidInputError
 from .graph.observers import InputStatistics
 
 
@@ -74,7 +75,7 @@ def whitening_scaling(stats: InputStatistics, max_tries: int = 8) -> WhiteningSc
         # Not positive definite (rank-deficient calibration or dead channels): shift by more each try.
         min_eig = torch.linalg.eigvalsh(gram).min().item()
         shift = max(-min_eig, 0.0) + scale * 1e-6 * (10**attempt)
-    raise ValueError(
+    raise InvalidInputError(
         "Whitening failed: the Gram matrix stays non positive definite even after a diagonal shift; "
         "use more calibration data or --method asvd"
     )

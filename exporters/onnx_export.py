@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asvd_passes.errors import InvalidInputError, UnavailableError
+
 METADATA_FILE = "asvd_onnx.json"
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -96,7 +98,7 @@ def _cache_entries(model: nn.Module, layout: str = "asvd") -> tuple[str, list[Ca
     latent = _latent_attentions(model)
     if latent:
         if len(latent) != model.config.num_hidden_layers:
-            raise ValueError("ONNX export needs every attention layer latent-KV compressed (or none)")
+            raise InvalidInputError("ONNX export needs every attention layer latent-KV compressed (or none)")
         entries = []
         for attention in latent:
             i = attention.layer_idx
@@ -248,19 +250,19 @@ def export_onnx(
     from .quantize import check_weights, quantize_onnx
 
     if fold_value not in ("always", "never"):
-        raise ValueError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
+        raise InvalidInputError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     weights = weights or dtype
     check_weights(weights, block_size)
     if weights in ("fp32", "fp16"):
         dtype = weights
     elif dtype != "fp32":
-        raise ValueError(f"--weights {weights} quantizes an fp32 export; it cannot be combined with dtype {dtype}")
+        raise InvalidInputError(f"--weights {weights} quantizes an fp32 export; it cannot be combined with dtype {dtype}")
     if dtype not in ("fp32", "fp16"):
-        raise ValueError(f"dtype must be fp32 or fp16, got {dtype!r}")
+        raise InvalidInputError(f"dtype must be fp32 or fp16, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise UnavailableError("--device cuda was asked for, but torch sees no CUDA device")
     tokenizer = None
     if isinstance(model_or_path, nn.Module):
         model = model_or_path

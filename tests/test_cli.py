@@ -74,8 +74,50 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tiny_folder, tmp_path, ar
     result = run("compress", str(tiny_folder), "--out", str(out), "--calib", str(DATA / "wiki.valid.tokens"),
                  "--calib-samples", "2", "--seqlen", "64", *args)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no output, no staging folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--param-ratio", "1.5"], "param_ratio must lie in (0, 1], got 1.5"),
+    (["--ranks", "MISSING"], "--ranks file not found"),
+    (["--ranks", "NOT_JSON"], "is not a JSON {module_name: rank} map"),
+])
+def test_intentional_error_is_one_line_and_status_2(tmp_path, capsys, args, message):
+    from asvd_passes.cli import main
+
+    (tmp_path / "bad.json").write_text("{not json")
+    args = [{"MISSING": str(tmp_path / "nope.json"), "NOT_JSON": str(tmp_path / "bad.json")}.get(a, a) for a in args]
+    assert main(["compress", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asvd: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("CUDA out of memory"), ValueError("too many values to unpack")])
+def test_unexpected_failure_propagates_with_its_traceback(tmp_path, monkeypatch, failure):
+    """Out of memory or a bug is not turned into one line: the exception (and its traceback) reaches the user."""
+    import asvd_passes.compressor
+    from asvd_passes.cli import main
+
+    def broken(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(asvd_passes.compressor.ASVDCompressor, "from_pretrained", broken)
+    with pytest.raises(type(failure), match=str(failure)) as caught:
+        main(["compress", "--out", str(tmp_path / "out"), "--kv-ratio", "0.5"])
+    assert caught.traceback[-1].name == "broken"  # the traceback reaches the line that failed
+
+
+def test_unexpected_failure_prints_a_traceback_from_the_command(tmp_path):
+    code = ("import sys, asvd_passes.compressor as c\n"
+            "def broken(*a, **k):\n    raise RuntimeError('CUDA out of memory')\n"
+            "c.ASVDCompressor.from_pretrained = broken\n"
+            "from asvd_passes.cli import main\n"
+            f"sys.exit(main(['compress', '--out', {str(tmp_path / 'out')!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1  # Python's own handler, not the tool's one-line exit 2
+    assert "Traceback (most recent call last)" in result.stderr and "in broken" in result.stderr
+    assert "RuntimeError: CUDA out of memory" in result.stderr and "asvd: error:" not in result.stderr
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path):

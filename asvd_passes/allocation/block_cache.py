@@ -13,13 +13,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     count = getattr(model.config, "num_hidden_layers", None)
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     matching = [m for m in lists if count is None or len(m) == count]
     if not matching:
-        raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__}")
+        raise InvalidInputError(f"Cannot find the decoder blocks of {type(model).__name__}")
     return max(matching, key=len)
 
 
@@ -30,7 +32,7 @@ def block_index(model: nn.Module, module_name: str) -> int:
     rest = module_name[len(prefix) + 1 :] if module_name.startswith(prefix + ".") else ""
     head = rest.split(".")[0]
     if not head.isdigit():
-        raise ValueError(f"{module_name} is not inside a decoder block")
+        raise InvalidInputError(f"{module_name} is not inside a decoder block")
     return int(head)
 
 

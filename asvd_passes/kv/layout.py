@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import InvalidInputError
 from ..modules import projection_shape
 
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense")
@@ -51,7 +52,7 @@ class AttentionLayout:
 
     def groups(self, group_size: int) -> int:
         if group_size < 1 or self.kv_heads % group_size:
-            raise ValueError(
+            raise InvalidInputError(
                 f"kv group size {group_size} must divide the {self.kv_heads} KV heads of {self.name}"
             )
         return self.kv_heads // group_size
@@ -71,7 +72,7 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayout]:
     layouts = []
     for name, module in model.named_modules():
         if isinstance(module, LatentKVAttention):
-            raise ValueError("This model already has a latent KV cache; compress the original model instead")
+            raise InvalidInputError("This model already has a latent KV cache; compress the original model instead")
         if getattr(module, "is_cross_attention", False):
             continue
         head_dim = getattr(module, "head_dim", None)
@@ -94,8 +95,8 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayout]:
         if fused:
             outputs, hidden = projection_shape(getattr(module, fused))
             if outputs != (heads + 2 * kv_heads) * head_dim:
-                raise ValueError(f"{name}.{fused} has {outputs} outputs, not Q+K+V of the declared heads")
+                raise InvalidInputError(f"{name}.{fused} has {outputs} outputs, not Q+K+V of the declared heads")
         layouts.append(AttentionLayout(name, int(layer_idx), heads, kv_heads, int(head_dim), int(hidden), fused, output))
     if not layouts:
-        raise ValueError(f"{type(model).__name__}: no self-attention module with K/V projections was found")
+        raise InvalidInputError(f"{type(model).__name__}: no self-attention module with K/V projections was found")
     return layouts

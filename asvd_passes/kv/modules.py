@@ -17,6 +17,7 @@ import sys
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
 from .layout import AttentionLayout
 
 
@@ -74,7 +75,7 @@ def rotary_embedding(model: nn.Module) -> nn.Module | None:
     """The model's one shared rotary-embedding module (``None`` for models without RoPE)."""
     found = [m for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding") and ".layers." not in f".{n}."]
     if len(found) > 1:
-        raise ValueError(f"{type(model).__name__} has {len(found)} rotary embeddings; latent KV supports one")
+        raise InvalidInputError(f"{type(model).__name__} has {len(found)} rotary embeddings; latent KV supports one")
     return found[0] if found else None
 
 
