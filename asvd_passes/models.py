@@ -106,6 +106,8 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, dtype: torc
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError) as err:
         raise InvalidInputError(f"Unknown or unsupported model architecture at {path}: {err}") from err
+    except OSError as err:  # not a local folder, and no hub model of that id could be fetched
+        raise MissingFileError(f"{path} is neither a local model folder nor a reachable hub model: {err}") from err
     model_obj = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model_obj, tokenizer
