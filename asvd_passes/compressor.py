@@ -161,8 +161,8 @@ class ASVDCompressor(OptimumQuantizer):
         model, tokenizer = load_model_and_tokenizer(source, dtype=dtype)
         return cls(model, tokenizer)
 
-    def quantize(self, save_dir, file_prefix=None, **kwargs):
-        """Optimum's entry point: same as :meth:`compress`."""
+    def quantize(self, save_dir, **kwargs):
+        """Optimum's entry point: same as :meth:`compress` (which writes a whole folder: no ``file_prefix``)."""
         return self.compress(save_dir=save_dir, **kwargs)
 
     def compress(

@@ -32,8 +32,3 @@ class ScaledSVD:
         down = self.scaling.unapply(root[:, None] * self.vh[:rank])
         up = self.u[:, :rank] * root[None, :]
         return down, up
-
-    def discarded_energy(self, rank: int) -> float:
-        """Relative squared spectral energy cut away at ``rank`` (the scaled output error)."""
-        energy = self.sigma.pow(2)
-        return (energy[rank:].sum() / energy.sum()).item()
