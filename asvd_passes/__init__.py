@@ -1,4 +1,4 @@
-"""asvd-passes: activation-aware SVD compression of causal LMs through graph passes."""
+"""asvd-passes: activation-aware SVD compression of causal LMs, calibrated through torch.export graph passes."""
 
 from . import hf_quantizer as _hf_quantizer  # noqa: F401  (registers "asvd" with transformers)
 from .compressor import ASVDCompressor, CompressionReport, NoProjectionsError

@@ -1,7 +1,7 @@
 """``ASVDCompressor``: the pipeline that ties the passes together (Optimum ``OptimumQuantizer`` style).
 
 model → graph (torch.export) → projections/groups → observed graph + calibration → statistics
-→ rank plan → scaled SVD factors → rewritten model → saved folder.
+→ rank plan → scaled SVD factors → ``LowRankLinear`` modules swapped into the model → saved folder.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 * :class:`InsertObserversPass` adds one :class:`InputStatistics` per distinct projection input.
 * :class:`RemoveObserversPass` takes them out again.
 * :class:`LowRankRewritePass` replaces matched projection nodes by calls to ``LowRankLinear``.
+
+The compressor uses the observer passes for calibration and swaps modules into the model for the
+rewrite; :class:`LowRankRewritePass` is checked against those modules in the tests and is meant for
+the sequential (block-by-block) pipeline.
 """
 
 from __future__ import annotations
