@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,11 +19,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def asvd(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     return result.stdout
