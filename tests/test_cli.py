@@ -108,6 +108,21 @@ def test_unexpected_failure_propagates_with_its_traceback(tmp_path, monkeypatch,
     assert caught.traceback[-1].name == "broken"  # the traceback reaches the line that failed
 
 
+def test_optimum_cli_compress_reports_an_intentional_error_as_one_line(tmp_path, capsys):
+    import argparse
+
+    from optimum.commands.register.asvd_passes import ASVDCompressCommand
+
+    parser = argparse.ArgumentParser()
+    ASVDCompressCommand.parse_args(parser)
+    command = ASVDCompressCommand.__new__(ASVDCompressCommand)  # what optimum-cli builds, without its parser tree
+    command.args = parser.parse_args(["--out", str(tmp_path / "out"), "--param-ratio", "1.5"])
+    with pytest.raises(SystemExit) as exited:
+        command.run()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "asvd: error: param_ratio must lie in (0, 1], got 1.5\n"
+
+
 def test_unexpected_failure_prints_a_traceback_from_the_command(tmp_path):
     code = ("import sys, asvd_passes.compressor as c\n"
             "def broken(*a, **k):\n    raise RuntimeError('CUDA out of memory')\n"
