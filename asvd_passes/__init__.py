@@ -2,6 +2,7 @@
 
 from . import hf_quantizer as _hf_quantizer  # noqa: F401  (registers "asvd" with transformers)
 from .compressor import ASVDCompressor, CompressionReport, NoProjectionsError
+from .families import UnsupportedModelError, decoder_blocks
 from .config import ASVDConfig
 from .data import CalibrationError
 from .errors import (ASVDError, InvalidInputError, MissingDependencyError, MissingFileError, OutputExistsError,
@@ -24,6 +25,8 @@ __all__ = [
     "MissingDependencyError",
     "MissingFileError",
     "NoProjectionsError",
+    "UnsupportedModelError",
+    "decoder_blocks",
     "NonFiniteActivationError",
     "OutputExistsError",
     "TraceError",

@@ -40,7 +40,18 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="dtype the whole-model pipeline loads in (the sequential one keeps the stored dtype)")
+    parser.add_argument("--pipeline", choices=["auto", "whole", "sequential"], default="auto",
+                        help="whole model at once, one decoder block at a time, or auto (printed and recorded in the report)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GiB",
+                        help="memory the run may use (RAM on CPU, GPU memory on CUDA); default: what is free")
+    parser.add_argument("--offload-folder", default=None, help="where per-block activations wait between passes")
+    parser.add_argument("--no-sequential-calibration", dest="sequential_calibration", action="store_false",
+                        help="observe every block on the dense model's hidden states (sequential pipeline)")
+    parser.add_argument("--refit-up", action="store_true",
+                        help="least-squares refit of each up factor against the dense outputs (sequential pipeline)")
 
 
 def compress_config(args: argparse.Namespace):
@@ -74,6 +85,12 @@ def compress_config(args: argparse.Namespace):
         calib_samples=args.calib_samples,
         seqlen=args.seqlen,
         seed=args.seed,
+        pipeline=args.pipeline,
+        device=args.device,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+        sequential_calibration=args.sequential_calibration,
+        refit_up=args.refit_up,
     )
 
 
@@ -86,7 +103,7 @@ def run_compress(args: argparse.Namespace) -> int:
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     report = compressor.compress(config, save_dir=args.out)
     if report.ranks:
-        print(rank_summary(report.ranks, compressor.model))
+        print(rank_summary(report.ranks))
     if report.kv is not None:
         print(kv_summary(report.kv))
     print(report.summary())
@@ -127,7 +144,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"param ratio {info['param_ratio']}, KV ratio {info['kv_ratio']:.4f}: "
+        kv_ratio = f"{info['kv_ratio']:.4f}" if info["kv_ratio"] is not None else "unknown (attention family not in the table)"
+        print(f"param ratio {info['param_ratio']}, KV ratio {kv_ratio}: "
               f"{info['kv_bytes_per_token']} cache bytes per token (dense {info['dense_kv_bytes_per_token']})")
     return 0
 

@@ -12,6 +12,8 @@ DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
 DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
+PIPELINES = ("auto", "whole", "sequential")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ASVDConfig(BaseConfig):
@@ -73,6 +75,12 @@ class ASVDConfig(BaseConfig):
         kv_allocation: str = "fisher",
         kv_output_metric: bool = True,
         kv_equal_widths: bool = False,
+        pipeline: str = "auto",
+        sequential_calibration: bool = True,
+        refit_up: bool = False,
+        device: str = "auto",
+        max_memory: float | None = None,
+        offload_folder: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -98,6 +106,12 @@ class ASVDConfig(BaseConfig):
         self.kv_allocation = kv_allocation
         self.kv_output_metric = kv_output_metric
         self.kv_equal_widths = kv_equal_widths
+        self.pipeline = pipeline
+        self.sequential_calibration = sequential_calibration
+        self.refit_up = refit_up
+        self.device = device
+        self.max_memory = max_memory
+        self.offload_folder = None if offload_folder is None else str(offload_folder)
         self.validate()
 
     def validate(self) -> None:
@@ -107,6 +121,14 @@ class ASVDConfig(BaseConfig):
             raise InvalidInputError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
         if self.allocation not in ALLOCATIONS:
             raise InvalidInputError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.pipeline not in PIPELINES:
+            raise InvalidInputError(f"Unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
+        if self.device not in DEVICES:
+            raise InvalidInputError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.max_memory is not None and not float(self.max_memory) > 0:
+            raise InvalidInputError(f"max_memory must be a positive number of GiB, got {self.max_memory}")
+        if self.pipeline == "sequential" and (self.allocation == "strs" and self.compresses_weights):
+            raise InvalidInputError("allocation 'strs' probes the whole model: use pipeline 'whole' (or 'auto')")
         if self.ppl_target is not None and self.allocation != "strs":
             raise InvalidInputError("ppl_target needs allocation='strs'")
         if self.param_ratio is None and not self.ranks and self.ppl_target is None and self.kv_ratio is None:

@@ -56,8 +56,8 @@ class ASVDHfQuantizer(HfQuantizer):
         if kv_data:
             from . import kv
 
+            layouts = kv.find_attention_layers(model, "Loading a latent-KV model")  # unsupported: its own error
             try:
-                layouts = kv.find_attention_layers(model)
                 kv_plan = kv.KVPlan.from_dict(kv_data, layouts)
             except (KeyError, TypeError, ValueError) as err:
                 raise CorruptCompressedModelError(f"The saved latent-KV plan does not fit this model: {err}") from err

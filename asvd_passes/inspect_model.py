@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .families import UnsupportedModelError
 from .kv import LatentKVAttention, cache_nbytes, find_attention_layers
 from .modules import LowRankLinear
 
@@ -38,19 +39,22 @@ def inspect_model(model: nn.Module, folder: str | Path | None = None) -> dict:
     if latent:
         dense_width = sum(2 * m.layout.kv_width for m in latent.values())
     else:
-        dense_width = sum(2 * l.kv_width for l in find_attention_layers(model))
+        try:
+            dense_width = sum(2 * l.kv_width for l in find_attention_layers(model))
+        except UnsupportedModelError:  # a family outside the table: weight ranks still reported, no KV ratio
+            dense_width = None
     quant = getattr(model.config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
     report = {}
     if folder is not None and (Path(folder) / "asvd_report.json").is_file():
         report = json.loads((Path(folder) / "asvd_report.json").read_text())
     kv_bytes = measure_kv_bytes_per_token(model)
-    dense_bytes = dense_width * dtype_size
+    dense_bytes = dense_width * dtype_size if dense_width is not None else None
     lowrank = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     return {
         "param_ratio": report.get("selected_ratio", 1.0 if not lowrank else None),
         "model_ratio": report.get("model_ratio"),
-        "kv_ratio": kv_bytes / dense_bytes,
+        "kv_ratio": kv_bytes / dense_bytes if dense_bytes else None,
         "kv_bytes_per_token": kv_bytes,
         "dense_kv_bytes_per_token": dense_bytes,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -80,6 +80,65 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _converted_gguf_dir(path: Path) -> Path:
+    """A safetensors copy of a ``.gguf`` file, converted once into the cache (keyed by name, size, mtime)."""
+    stat = path.stat()
+    target = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = _load_gguf(path, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def local_model_folder(model: str | os.PathLike | None) -> Path | None:
+    """A local folder of safetensors shards for ``model``, or ``None`` when there is none to read lazily.
+
+    The embedded default and ``.gguf`` files are converted once into the cache; a hub id is
+    downloaded (safetensors, config and tokenizer files only) into the hub cache.
+    """
+    if model is None:
+        return embedded_model_dir()
+    text = str(model)
+    if text.endswith(".gguf"):
+        path = Path(text)
+        if not path.is_file():
+            raise MissingFileError(f"GGUF file not found: {path}")
+        return _converted_gguf_dir(path)
+    path = Path(text)
+    if not path.exists():
+        if text.startswith((".", "/")) or text.count("/") != 1:
+            raise MissingFileError(f"{path} does not exist (neither a folder nor a hub id)")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception:  # offline, gated, no safetensors: the eager loader reports it properly
+            return None
+    if not (path / "config.json").is_file():
+        raise MissingFileError(f"{path} is not a model folder: it has no config.json")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return None  # e.g. pickle-only checkpoints: loaded whole by transformers
+    return path
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None  # a weights-only folder: plain SVD or token-id calibration still work
+
+
 def resolve_model_path(model: str | os.PathLike | None) -> str:
     """Map ``None`` to the embedded default; leave folders and hub ids as they are."""
     if model is None:
@@ -92,7 +151,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, dtype: torc
 
     Importing :mod:`asvd_passes` registers the ASVD quantizer, so compressed folders load here too.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import asvd_passes.hf_quantizer  # noqa: F401  (registers the "asvd" quant method)
 
@@ -102,14 +161,27 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, dtype: torc
             raise MissingFileError(f"GGUF file not found: {path}")
         return _load_gguf(path, dtype)
     path = resolve_model_path(model)
+    return load_model(path, dtype), AutoTokenizer.from_pretrained(path)
+
+
+def load_config(path: str | os.PathLike):
+    """The model's config, with a clear error for a folder that is not a model or an unknown architecture."""
+    from transformers import AutoConfig
+
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise MissingFileError(f"{path} is not a model folder: it has no config.json")
     try:
-        config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(str(path))
     except (ValueError, KeyError) as err:
         raise InvalidInputError(f"Unknown or unsupported model architecture at {path}: {err}") from err
     except OSError as err:  # not a local folder, and no hub model of that id could be fetched
         raise MissingFileError(f"{path} is neither a local model folder nor a reachable hub model: {err}") from err
-    model_obj = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model_obj, tokenizer
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The model alone (folder or hub id) in ``dtype``; compressed folders load through the ASVD quantizer."""
+    from transformers import AutoModelForCausalLM
+
+    import asvd_passes.hf_quantizer  # noqa: F401  (registers the "asvd" quant method)
+
+    return AutoModelForCausalLM.from_pretrained(str(path), config=load_config(path), dtype=dtype)

@@ -64,7 +64,9 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
     """The (out × in) weight of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (stored in × out)."""
     if isinstance(module, nn.Linear):
         return module.weight
-    if type(module).__name__ == "Conv1D":
+    from .families import stores_transposed
+
+    if stores_transposed(module):
         return module.weight.t()
     raise TypeError(f"{type(module).__name__} is not a linear projection")
 

@@ -62,19 +62,26 @@ def asvd_scaling(stats: InputStatistics, alpha: float, statistic: str = "abs_mea
 
 
 def whitening_scaling(stats: InputStatistics, max_tries: int = 8) -> WhiteningScaling:
-    """Cholesky factor of the (mean) Gram matrix, shifting the diagonal until it is positive definite."""
+    """Cholesky factor of the (mean) Gram matrix, shifting the diagonal until it is positive definite.
+
+    Memory matters at 5632² and beyond: one working copy, shifted in place (Cholesky reads only
+    the lower triangle, which Σ xᵀx fills symmetrically, so no symmetrised copy is made).
+    """
     gram = stats.gram / max(stats.count, 1)
-    gram = (gram + gram.T) / 2
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    diagonal = gram.diagonal()
+    scale = diagonal.abs().mean().item() or 1.0
     shift = 0.0
-    scale = gram.diagonal().abs().mean().item() or 1.0
     for attempt in range(max_tries):
-        factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
+        factor, info = torch.linalg.cholesky_ex(gram)
         if info.item() == 0:
             return WhiteningScaling(factor)
+        del factor
         # Not positive definite (rank-deficient calibration or dead channels): shift by more each try.
-        min_eig = torch.linalg.eigvalsh(gram).min().item()
-        shift = max(-min_eig, 0.0) + scale * 1e-6 * (10**attempt)
+        if attempt == 0:
+            min_eig = torch.linalg.eigvalsh(gram).min().item()
+        new_shift = max(-min_eig, 0.0) + scale * 1e-6 * (10**attempt)
+        diagonal.add_(new_shift - shift)
+        shift = new_shift
     raise InvalidInputError(
         "Whitening failed: the Gram matrix stays non positive definite even after a diagonal shift; "
         "use more calibration data or --method asvd"
@@ -91,3 +98,16 @@ def build_scaling(method: str, stats: InputStatistics | None, alpha: float, stat
     if method == "whiten":
         return whitening_scaling(stats)
     raise ValueError(f"Unknown method {method!r}")
+
+
+def shared_scalings(method: str, statistics: dict, names, alpha: float, statistic: str) -> dict[str, Scaling]:
+    """One scaling per distinct observer: q/k/v (or gate/up) read one input, so they share one S (one Cholesky)."""
+    built: dict[int, Scaling] = {}
+    scalings = {}
+    for name in names:
+        stats = statistics.get(name)
+        key = id(stats)
+        if key not in built:
+            built[key] = build_scaling(method, stats, alpha, statistic)
+        scalings[name] = built[key]
+    return scalings

@@ -62,7 +62,7 @@ class ExportMetadata:
     kv_ranks: dict = field(default_factory=dict)  # attention name -> {"key": [...], "value": [...]}
     kv_group_size: int | None = None
     weight_ranks: dict = field(default_factory=dict)
-    rope: dict | None = None  # {"theta": ..., "rotary_dim": ..., "scaling": ...} or None
+    rope: dict | None = None  # {"theta", "rotary_dim" (per layer type for Gemma 3), "parameters", "applied"} or None
     bos_token_id: int | None = None
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
@@ -115,7 +115,7 @@ def _cache_entries(model: nn.Module, layout: str = "asvd") -> tuple[str, list[Ca
     from asvd_passes.kv import find_attention_layers
 
     entries = []
-    for layout in sorted(find_attention_layers(model), key=lambda l: l.layer_idx):
+    for layout in sorted(find_attention_layers(model, "The ONNX export"), key=lambda l: l.layer_idx):
         i = layout.layer_idx
         for role in ("key", "value"):
             entries.append(CacheEntry(i, role, f"past_key_values.{i}.{role}", f"present.{i}.{role}",
@@ -175,18 +175,9 @@ class CacheIO(nn.Module):
 
 
 def _rope_settings(model: nn.Module) -> dict | None:
-    from asvd_passes.kv.modules import rotary_embedding
+    from asvd_passes.families import rope_settings
 
-    rotary = rotary_embedding(model)
-    if rotary is None:
-        return None
-    config = model.config
-    return {
-        "rotary_dim": int(2 * rotary.inv_freq.numel()),
-        "theta": getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta"),
-        "parameters": getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None),
-        "applied": "after rebuilding K from the latent" ,
-    }
+    return rope_settings(model)
 
 
 @contextlib.contextmanager
@@ -228,7 +219,7 @@ def _prepared(model: nn.Module, device: str, dtype: torch.dtype):
             module.training = mode
         for latent in _latent_attentions(model):  # drop the traced (fake) tensors the RoPE cache kept
             if latent.key_embeddings is not None:
-                latent.key_embeddings._last = None
+                latent.key_embeddings.clear()
 
 
 def _example_inputs(model, entries, batch=2, seq=3, past=5):
@@ -274,6 +265,7 @@ def export_onnx(
     for the export, and given back as it was (same tensors, modes and attention), also when the
     export fails.
     """
+    from asvd_passes.families import check_latent_support
     from asvd_passes.models import load_model_and_tokenizer
 
     from .quantize import check_weights
@@ -297,6 +289,7 @@ def export_onnx(
         model = model_or_path
     else:
         model, tokenizer = load_model_and_tokenizer(model_or_path)
+    check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
         return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, layout, weights, block_size, progress)

@@ -1,11 +1,25 @@
-"""Shared fixtures: tiny random-weight causal LMs (fp32, eval mode, seeded) of seven families.
+"""Shared fixtures: tiny random-weight causal LMs (fp32, eval mode, seeded) of twelve families.
 
 Each model has 2 decoder layers, hidden size 32, MLP width 64 and a 128-token vocabulary, so a
 whole capture → calibrate → decompose → save round trip takes well under a second on a CPU.
 The Llama-like families use grouped-query attention (2 KV heads for 4 query heads); GPT-2 has
 ``Conv1D`` projections with a fused ``c_attn``; Phi-3 fuses ``qkv_proj`` and ``gate_up_proj``;
 OPT has biases and learned positions. Llama, Qwen3, OPT and GPT-2 tie the LM head to the input
-embedding, Mistral, Qwen2 and Phi-3 do not.
+embedding, Mistral, Qwen2 and Phi-3 do not. The families added with the adapter table
+(``asvd_passes/families.py``):
+
+- ``llama3``: Llama with ``rope_type`` llama3 scaling (original context 16, so it changes frequencies);
+- ``olmo2``: q/k RMSNorm over the whole projection;
+- ``gpt_neox``: fused ``query_key_value`` interleaved per head, partial rotary (half of each head),
+  parallel attention and MLP, biases, untied head;
+- ``gemma2``: attention logit softcapping (0.5, so that it bites), ``query_pre_attn_scalar``, alternating
+  sliding (window 8) / full layers, head_dim 16 ≠ hidden / heads, tied embeddings;
+- ``gemma3``: the text model: per-head q/k norms, sliding (window 8) / full layers with their own
+  RoPE bases, head_dim 16 ≠ hidden / heads, tied embeddings.
+
+Mistral also gets a sliding window of 8, shorter than the test sequences (the default 4096 never bites).
+Gemma 2/3 use ``initializer_range`` 0.2 so that scores are large enough for softcapping and the
+windows to change the logits.
 """
 
 from __future__ import annotations
@@ -14,10 +28,11 @@ import pytest
 import torch
 from torch import nn
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "phi3", "llama3", "olmo2", "gpt_neox", "gemma2", "gemma3")
+SLIDING_WINDOW = 8  # shorter than the test sequences
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2
-TIED = {"llama": True, "mistral": False, "qwen2": False, "qwen3": True, "phi3": False}
+TIED = {"llama": True, "mistral": False, "qwen2": False, "qwen3": True, "phi3": False, "llama3": True, "olmo2": False}
 
 
 def tiny_config(family: str):
@@ -39,7 +54,28 @@ def tiny_config(family: str):
         )
         if family == "qwen3":
             kwargs["head_dim"] = 8
+        if family == "mistral":
+            kwargs["sliding_window"] = SLIDING_WINDOW
+        if family == "llama3":
+            kwargs["rope_parameters"] = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0, original_max_position_embeddings=16)
+            return AutoConfig.for_model("llama", **kwargs)
         return AutoConfig.for_model(family, **kwargs)
+    if family in ("gemma2", "gemma3"):
+        kwargs = dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"], initializer_range=0.2, **special,
+        )
+        if family == "gemma2":
+            return AutoConfig.for_model("gemma2", attn_logit_softcapping=0.5, query_pre_attn_scalar=12, **kwargs)
+        return AutoConfig.for_model("gemma3_text", query_pre_attn_scalar=12, **kwargs)
+    if family == "gpt_neox":
+        return AutoConfig.for_model(
+            "gpt_neox", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5, use_parallel_residual=True,
+            tie_word_embeddings=False, **special,
+        )
     if family == "opt":
         return AutoConfig.for_model(
             "opt",

@@ -1,8 +1,8 @@
 """Re-run a model from decoder block i on, reusing cached block outputs for the blocks before it.
 
 A probe that changes one projection in block i only changes blocks i and later, so the inputs of
-every block are recorded once and the blocks before i replay their recorded outputs. Found with no
-per-family lists: the decoder blocks are the ``nn.ModuleList`` with ``num_hidden_layers`` entries.
+every block are recorded once and the blocks before i replay their recorded outputs. The blocks are
+found by :func:`asvd_passes.families.decoder_blocks`.
 """
 
 from __future__ import annotations
@@ -14,21 +14,16 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..families import decoder_blocks
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    count = getattr(model.config, "num_hidden_layers", None)
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    matching = [m for m in lists if count is None or len(m) == count]
-    if not matching:
-        raise InvalidInputError(f"Cannot find the decoder blocks of {type(model).__name__}")
-    return max(matching, key=len)
+    return decoder_blocks(model)[1]
 
 
 def block_index(model: nn.Module, module_name: str) -> int:
     """Index of the decoder block that contains ``module_name``."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
+    prefix, _ = decoder_blocks(model)
     rest = module_name[len(prefix) + 1 :] if module_name.startswith(prefix + ".") else ""
     head = rest.split(".")[0]
     if not head.isdigit():

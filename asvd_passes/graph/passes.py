@@ -4,9 +4,9 @@
 * :class:`RemoveObserversPass` takes them out again.
 * :class:`LowRankRewritePass` replaces matched projection nodes by calls to ``LowRankLinear``.
 
-The compressor uses the observer passes for calibration and swaps modules into the model for the
-rewrite; :class:`LowRankRewritePass` is checked against those modules in the tests and is meant for
-the sequential (block-by-block) pipeline.
+Both pipelines use the observer passes for calibration and swap modules into the model for the
+rewrite; the sequential pipeline also runs each block's graph rewritten by :class:`LowRankRewritePass`
+to feed the next block.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ def _attr_name(prefix: str, name: str) -> str:
 class InsertObserversPass(PassBase):
     """Insert a side-effect-only observer node after each group's shared input tensor."""
 
-    def __init__(self, groups: list[ProjectionGroup], statistics: tuple[str, ...]):
+    def __init__(self, groups: list[ProjectionGroup], statistics: tuple[str, ...], observer_class=InputStatistics):
         super().__init__()
         self.groups = groups
         self.statistics = statistics
+        self.observer_class = observer_class
         self.observers: dict[str, InputStatistics] = {}  # keyed by projection name
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         for index, group in enumerate(self.groups):
-            observer = InputStatistics(group.in_features, self.statistics, group.names)
+            observer = self.observer_class(group.in_features, self.statistics, group.names)
             attr = f"{OBSERVER_PREFIX}{index}"
             graph_module.add_submodule(attr, observer)
             with graph_module.graph.inserting_after(group.input_node):

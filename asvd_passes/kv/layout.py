@@ -1,21 +1,19 @@
-"""Where each attention layer's K and V come from: projection, row slices, head geometry.
+"""Where each attention layer's K and V come from: projection, rows, head geometry.
 
-Attention modules are recognised by structure, not by family name: a module with ``k_proj`` and
-``v_proj`` (Llama, Mistral, Qwen2/3, OPT), a fused ``qkv_proj`` (Phi-3) or GPT-2's fused ``c_attn``
-``Conv1D``, plus a ``head_dim`` and a ``layer_idx``. The fused ones are split by the query / key /
-value widths the module itself declares.
+The knowledge of each family (attribute names, fused layouts, head geometry) lives in
+:mod:`asvd_passes.families`; this module turns it into one :class:`AttentionLayout` per layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+from ..families import Family, check_latent_support, attention_modules
 from ..modules import projection_shape
-
-OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense")
 
 
 @dataclass(frozen=True)
@@ -26,8 +24,10 @@ class AttentionLayout:
     kv_heads: int
     head_dim: int
     hidden: int  # input width of the projections
-    fused: str | None  # "qkv_proj" / "c_attn" when Q, K and V come from one projection, else None
+    fused: str | None  # "qkv_proj" / "c_attn" / "query_key_value" when Q, K and V come from one projection
     output: str  # attribute name of the output projection
+    interleaved: bool = False  # fused rows per head [q_h | k_h | v_h] (GPT-NeoX) instead of [Q | K | V]
+    family: Family | None = None
 
     @property
     def kv_width(self) -> int:
@@ -43,12 +43,17 @@ class AttentionLayout:
             return f"{self.name}.{self.fused}"
         return f"{self.name}.{'k_proj' if role == 'key' else 'v_proj'}"
 
-    def rows(self, role: str) -> slice:
-        """Output rows of :meth:`source` that are K (or V)."""
+    def rows(self, role: str) -> slice | torch.Tensor:
+        """Output rows of :meth:`source` that are K (or V) ("query" too for a fused projection), in head order."""
         if not self.fused:
             return slice(0, self.kv_width)
-        start = self.q_width + (0 if role == "key" else self.kv_width)
-        return slice(start, start + self.kv_width)
+        offset = {"query": 0, "key": 1, "value": 2}[role]
+        if self.interleaved:  # per head h: rows [3h·d, 3h·d + d) are q_h, then k_h, then v_h
+            d = self.head_dim
+            heads = torch.arange(self.heads)[:, None] * 3 * d + offset * d
+            return (heads + torch.arange(d)).reshape(-1)
+        start = (0, self.q_width, self.q_width + self.kv_width)[offset]
+        return slice(start, start + (self.q_width if role == "query" else self.kv_width))
 
     def groups(self, group_size: int) -> int:
         if group_size < 1 or self.kv_heads % group_size:
@@ -58,45 +63,26 @@ class AttentionLayout:
         return self.kv_heads // group_size
 
 
-def _head_counts(module: nn.Module, config) -> tuple[int, int]:
-    heads = getattr(config, "num_attention_heads", None) or getattr(module, "num_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return int(heads), int(kv_heads)
+def find_attention_layers(model: nn.Module, purpose: str = "A latent KV cache") -> list[AttentionLayout]:
+    """Every self-attention module whose K and V projections can be given a latent cache.
 
-
-def find_attention_layers(model: nn.Module) -> list[AttentionLayout]:
-    """Every self-attention module whose K and V projections can be given a latent cache."""
+    Raises :class:`asvd_passes.families.UnsupportedModelError` for attention the family table does not cover.
+    """
     from .modules import LatentKVAttention
 
+    family = check_latent_support(model, purpose)
     config = model.config
     layouts = []
-    for name, module in model.named_modules():
+    for layer_idx, (name, module) in enumerate(attention_modules(model, family)):
         if isinstance(module, LatentKVAttention):
             raise InvalidInputError("This model already has a latent KV cache; compress the original model instead")
-        if getattr(module, "is_cross_attention", False):
-            continue
-        head_dim = getattr(module, "head_dim", None)
-        layer_idx = getattr(module, "layer_idx", None)
-        if head_dim is None or layer_idx is None:
-            continue
-        output = next((o for o in OUTPUT_PROJECTIONS if isinstance(getattr(module, o, None), nn.Module)), None)
-        if output is None:
-            continue
-        heads, kv_heads = _head_counts(module, config)
-        if isinstance(getattr(module, "k_proj", None), nn.Module) and isinstance(getattr(module, "v_proj", None), nn.Module):
-            fused = None
-            hidden = projection_shape(module.k_proj)[1]  # a weight-compressed k_proj is a LowRankLinear
-        elif isinstance(getattr(module, "qkv_proj", None), nn.Module):
-            fused = "qkv_proj"
-        elif isinstance(getattr(module, "c_attn", None), nn.Module):
-            fused = "c_attn"
-        else:
-            continue
-        if fused:
-            outputs, hidden = projection_shape(getattr(module, fused))
+        heads, kv_heads, head_dim = family.head_geometry(module, config)
+        if family.fused:
+            outputs, hidden = projection_shape(getattr(module, family.fused))
             if outputs != (heads + 2 * kv_heads) * head_dim:
-                raise InvalidInputError(f"{name}.{fused} has {outputs} outputs, not Q+K+V of the declared heads")
-        layouts.append(AttentionLayout(name, int(layer_idx), heads, kv_heads, int(head_dim), int(hidden), fused, output))
-    if not layouts:
-        raise InvalidInputError(f"{type(model).__name__}: no self-attention module with K/V projections was found")
+                raise InvalidInputError(f"{name}.{family.fused} has {outputs} outputs, not Q+K+V of the declared heads")
+        else:
+            hidden = projection_shape(module.k_proj)[1]  # a weight-compressed k_proj is a LowRankLinear
+        layouts.append(AttentionLayout(name, int(getattr(module, "layer_idx", None) or layer_idx), heads, kv_heads,
+                                       head_dim, int(hidden), family.fused, family.output, family.interleaved, family))
     return layouts

@@ -8,8 +8,9 @@ sees. Both metrics come from weights and the input Gram already collected: E[qqá
 
 RoPE rotates q and k by position-dependent angles, so the key metric is averaged over rotations:
 within each rotary pair the 2Ã—2 block becomes isotropic and cross-pair terms vanish (a diagonal
-metric); models without RoPE keep the full matrix. A per-head norm on K (Qwen3's k_norm) sits
-between the projection and the score, so those models keep the plain whitened objective for K.
+metric); models without RoPE keep the full matrix. A norm on K (Qwen3's and Gemma 3's per head, OLMo 2's
+over the projection) sits between the projection and the score, so those models keep the plain
+whitened objective for K.
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ from .layout import AttentionLayout
 
 def _query_weight(model: nn.Module, layout: AttentionLayout) -> torch.Tensor:
     if layout.fused:
-        return projection_weight(model.get_submodule(f"{layout.name}.{layout.fused}"))[: layout.q_width]
+        return projection_weight(model.get_submodule(f"{layout.name}.{layout.fused}"))[layout.rows("query")]
     return projection_weight(model.get_submodule(f"{layout.name}.q_proj"))
 
 
 def _rotary_dims(model: nn.Module, layout: AttentionLayout) -> int:
     """How many leading dims of each head RoPE rotates (0 without RoPE)."""
-    from .modules import rotary_embedding
-
-    rotary = rotary_embedding(model)
+    family = layout.family
+    rotary = family.rotary_module(model)
     if rotary is None:
         return 0
-    inv_freq = getattr(rotary, "inv_freq", None)
-    return 2 * inv_freq.numel() if inv_freq is not None else layout.head_dim
+    return 2 * family.inv_freq(rotary, family.layer_type(model.config, layout.layer_idx)).numel()
 
 
 def head_metrics(model: nn.Module, layout: AttentionLayout, role: str, gram: torch.Tensor | None) -> list[torch.Tensor] | None:
@@ -45,7 +44,7 @@ def head_metrics(model: nn.Module, layout: AttentionLayout, role: str, gram: tor
     hd = layout.head_dim
     metrics = []
     if role == "key":
-        if gram is None or hasattr(attention, "k_norm"):
+        if gram is None or layout.family.qk_norm is not None:
             return None
         weight = _query_weight(model, layout).double()
         rotary = _rotary_dims(model, layout)

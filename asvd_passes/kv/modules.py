@@ -71,68 +71,77 @@ class LatentProjection(nn.Module):
         return f"latent={self.latent_width}, groups={len(self.ranks)}, ranks={self.ranks}"
 
 
-def rotary_embedding(model: nn.Module) -> nn.Module | None:
-    """The model's one shared rotary-embedding module (``None`` for models without RoPE)."""
-    found = [m for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding") and ".layers." not in f".{n}."]
-    if len(found) > 1:
-        raise InvalidInputError(f"{type(model).__name__} has {len(found)} rotary embeddings; latent KV supports one")
-    return found[0] if found else None
-
-
 class KeyPositionEmbeddings:
     """cos/sin at the positions of every cached key, computed once per forward for all layers.
 
-    The model computes the new tokens' cos/sin once and hands the same tensors to every layer; the
-    rebuilt keys also need them at the cached positions. Keyed on the identity of the model's
-    tensors (held, so the identity cannot be reused), the first layer computes them and the other
-    layers of the same forward reuse them: one sin/cos over the context per step, not one per layer.
+    The model computes the new tokens' cos/sin once and hands the same tensors to every layer (one
+    pair per layer type for Gemma 3); the rebuilt keys also need them at the cached positions. Keyed
+    on the identity of the model's tensors (held, so the identity cannot be reused), the first layer
+    of each layer type computes them and the other layers of the same forward reuse them: one sin/cos
+    over the context per step and layer type, not one per layer.
     """
 
-    def __init__(self, rotary: nn.Module):
+    def __init__(self, family, rotary: nn.Module):
+        self.family = family
         self.rotary = rotary
-        self._last: tuple | None = None  # (query cos, past, key cos/sin)
+        self._last: dict = {}  # layer type -> (query cos, past, key cos/sin)
 
-    def __call__(self, like: torch.Tensor, key_positions: torch.Tensor, query_cos: torch.Tensor, past: int):
-        last = self._last
+    def query(self, like: torch.Tensor, positions: torch.Tensor, layer_type: str | None):
+        return self.family.rope(self.rotary, like, positions, layer_type)
+
+    def __call__(self, like: torch.Tensor, key_positions: torch.Tensor, query_cos: torch.Tensor, past: int,
+                 layer_type: str | None = None):
+        last = self._last.get(layer_type)
         if last is not None and last[0] is query_cos and last[1] == past:
             return last[2]
-        embeddings = self.rotary(like, key_positions)
-        self._last = (query_cos, past, embeddings)
+        embeddings = self.family.rope(self.rotary, like, key_positions, layer_type)
+        self._last[layer_type] = (query_cos, past, embeddings)
         return embeddings
+
+    def clear(self) -> None:
+        self._last = {}
 
 
 class LatentKVAttention(nn.Module):
-    """Self-attention whose cache holds K/V latents; drop-in for the module it was built from."""
+    """Self-attention whose cache holds K/V latents; drop-in for the module it was built from.
+
+    What differs between families (fused query rows, q/k norms per head or over the projection,
+    softcapping, sliding windows, the rotary call, the cache keyword) comes from the layout's entry
+    in :mod:`asvd_passes.families`.
+    """
 
     def __init__(self, dense: nn.Module, layout: AttentionLayout, key: LatentProjection, value: LatentProjection,
-                 query: nn.Module | None = None, rotary: nn.Module | None = None,
-                 key_embeddings: KeyPositionEmbeddings | None = None):
+                 query: nn.Module | None = None, key_embeddings: KeyPositionEmbeddings | None = None):
         super().__init__()
+        family = layout.family
         self.layout = layout
+        self.family = family
         self.config = dense.config
         self.layer_idx = layout.layer_idx
         self.head_dim = layout.head_dim
         self.num_heads = layout.heads
         self.num_key_value_heads = layout.kv_heads
         self.num_key_value_groups = layout.heads // layout.kv_heads
-        self.scaling = getattr(dense, "scaling", layout.head_dim**-0.5)
+        self.scaling = family.scaling(dense, layout.head_dim)
         self.is_causal = True
         self.attention_dropout = 0.0
-        self.sliding_window = getattr(dense, "sliding_window", getattr(self.config, "sliding_window", None))
+        self.sliding_window = family.sliding_window(dense, self.config)
+        self.softcap = family.softcap_of(self.config)
+        self.layer_type = family.layer_type(self.config, layout.layer_idx)
         # Query: the dense module's own q_proj, or the query rows of a fused projection.
         self.q_proj = query if query is not None else dense.q_proj
         self.k_proj = key
         self.v_proj = value
         setattr(self, layout.output, getattr(dense, layout.output))
         self.output_name = layout.output
-        for norm in ("q_norm", "k_norm"):
-            if isinstance(getattr(dense, norm, None), nn.Module):
-                setattr(self, norm, getattr(dense, norm))
+        if family.qk_norm is not None:
+            self.q_norm, self.k_norm = dense.q_norm, dense.k_norm
         # Shared with the model, not owned: kept out of this module's state dict.
-        self.__dict__["rotary"] = rotary
-        self.__dict__["key_embeddings"] = key_embeddings or (KeyPositionEmbeddings(rotary) if rotary is not None else None)
+        if family.positions == "rope" and key_embeddings is None:
+            raise ValueError(f"{layout.name}: a RoPE family ({family.name}) needs the model's KeyPositionEmbeddings")
+        self.__dict__["key_embeddings"] = key_embeddings if family.positions == "rope" else None
         module = sys.modules[type(dense).__module__]
-        self.__dict__["apply_rotary"] = getattr(module, "apply_rotary_pos_emb", None) if rotary is not None else None
+        self.__dict__["apply_rotary"] = getattr(module, "apply_rotary_pos_emb", None) if family.positions == "rope" else None
         self.__dict__["eager_attention"] = getattr(module, "eager_attention_forward", None)
 
     def forward(
@@ -147,7 +156,7 @@ class LatentKVAttention(nn.Module):
     ):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        cache = cache if cache is not None else past_key_values
+        cache = next((c for c in (cache, past_key_values, kwargs.pop(self.family.cache_kwarg, None)) if c is not None), None)
         kwargs.pop("layer_past", None)
         kwargs.pop("output_attentions", None)
         kwargs.pop("use_cache", None)
@@ -162,12 +171,13 @@ class LatentKVAttention(nn.Module):
         total = key_latent.shape[1]
         past = total - steps  # what the cache returned besides the new tokens (a sliding window may crop it)
 
+        key = self.k_proj.rebuild(key_latent)
+        if self.family.qk_norm == "projection":  # OLMo 2: the norm spans the whole (rebuilt) projection
+            query, key = self.q_norm(query), self.k_norm(key)
         query = query.view(batch, steps, -1, self.head_dim)
-        key = self.k_proj.rebuild(key_latent).view(batch, total, -1, self.head_dim)
-        if hasattr(self, "q_norm"):
-            query = self.q_norm(query)
-        if hasattr(self, "k_norm"):
-            key = self.k_norm(key)
+        key = key.view(batch, total, -1, self.head_dim)
+        if self.family.qk_norm == "head":
+            query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         fold = self.fold_value(steps, total)
         if fold:  # attend over the V latent itself; V's up is applied to the attention output below
@@ -175,13 +185,13 @@ class LatentKVAttention(nn.Module):
         else:
             value = self.v_proj.rebuild(value_latent).view(batch, total, -1, self.head_dim).transpose(1, 2)
 
-        if self.rotary is not None:
+        if self.key_embeddings is not None:
             query, key = self._rotate(query, key, position_embeddings, position_ids, past, steps, total)
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
         output, weights = interface(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
-            sliding_window=self.sliding_window, **kwargs,
+            sliding_window=self.sliding_window, **({"softcap": self.softcap} if self.softcap is not None else {}), **kwargs,
         )
         if fold:
             output = self._value_up(output)
@@ -261,11 +271,11 @@ class LatentKVAttention(nn.Module):
         offsets = torch.arange(-past, 0, device=query.device)[None] + position_ids[:, :1]
         key_positions = torch.cat([offsets, position_ids], dim=1) if past else position_ids
         if position_embeddings is None:
-            position_embeddings = self.rotary(query, position_ids)
+            position_embeddings = self.key_embeddings.query(query, position_ids, self.layer_type)
         cos_q, sin_q = position_embeddings
         if not past:
             return self.apply_rotary(query, key, cos_q, sin_q)
-        cos_k, sin_k = self.key_embeddings(key, key_positions, cos_q, past)
+        cos_k, sin_k = self.key_embeddings(key, key_positions, cos_q, past, self.layer_type)
         # The model's own RoPE (partial rotary included) rotates q and k with one cos/sin; here
         # they differ in length, so each call rotates one of them. The other argument is a
         # one-head slice of the right length (partial rotary concatenates it back), discarded.

@@ -15,7 +15,7 @@ from ..modules import projection_weight, replace_module
 from ..scaling import Scaling
 from .layout import AttentionLayout
 from .metrics import head_metrics, root_and_inverse
-from .modules import KeyPositionEmbeddings, LatentKVAttention, LatentProjection, rotary_embedding
+from .modules import KeyPositionEmbeddings, LatentKVAttention, LatentProjection
 from .plan import ROLES, KVPlan
 from ..errors import InvalidInputError
 
@@ -67,11 +67,12 @@ def _query_module(dense: nn.Module, layout: AttentionLayout) -> nn.Module | None
     fused = getattr(dense, layout.fused)
     weight = projection_weight(fused)
     bias = getattr(fused, "bias", None)
+    rows = layout.rows("query")
     query = nn.Linear(layout.hidden, layout.q_width, bias=bias is not None, dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
-        query.weight.copy_(weight[: layout.q_width])
+        query.weight.copy_(weight[rows])
         if bias is not None:
-            query.bias.copy_(bias[: layout.q_width])
+            query.bias.copy_(bias[rows])
     return query
 
 
@@ -81,12 +82,14 @@ def _install(model: nn.Module, built) -> None:
     ``built`` is consumed lazily, so each layer's projections are made from its dense weights just
     before that layer is replaced. All layers share one ``KeyPositionEmbeddings``.
     """
-    rotary = rotary_embedding(model)
-    key_embeddings = KeyPositionEmbeddings(rotary) if rotary is not None else None
+    key_embeddings = None
     for layout, projections in built:
         dense = model.get_submodule(layout.name)
+        if key_embeddings is None:
+            rotary = layout.family.rotary_module(model)
+            key_embeddings = KeyPositionEmbeddings(layout.family, rotary) if rotary is not None else None
         attention = LatentKVAttention(dense, layout, projections["key"], projections["value"],
-                                      _query_module(dense, layout), rotary, key_embeddings)
+                                      _query_module(dense, layout), key_embeddings)
         replace_module(model, layout.name, attention)
 
 

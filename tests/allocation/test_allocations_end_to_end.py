@@ -94,7 +94,7 @@ def test_unknown_allocation_and_misused_ppl_target():
 
 def test_sensitivity_time_is_charged_once_per_compression(tiny_model, tokens, monkeypatch):
     """The first compression of an analysis measures the sensitivities; it must not count them twice."""
-    import asvd_passes.compressor as compressor_module
+    import asvd_passes.pipelines.whole as compressor_module
     from asvd_passes.modules import replace_module
 
     clock = [0.0]  # a clock that only moves while the (fake-slow) sensitivity pass runs

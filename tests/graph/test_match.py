@@ -27,6 +27,11 @@ LAYER_PREFIX = {
     "phi3": "model.layers.{i}.",
     "opt": "model.decoder.layers.{i}.",
     "gpt2": "transformer.h.{i}.",
+    "llama3": "model.layers.{i}.",
+    "olmo2": "model.layers.{i}.",
+    "gemma2": "model.layers.{i}.",
+    "gemma3": "model.layers.{i}.",
+    "gpt_neox": "gpt_neox.layers.{i}.",
 }
 LLAMA_GROUPS = [
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -42,6 +47,12 @@ LAYER_GROUPS = {
     "phi3": [("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)],
     "opt": [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)],
     "gpt2": [("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)],
+    "llama3": LLAMA_GROUPS,
+    "olmo2": LLAMA_GROUPS,
+    "gemma2": LLAMA_GROUPS,
+    "gemma3": LLAMA_GROUPS,
+    # Parallel attention and MLP, each after its own layer norm: two inputs.
+    "gpt_neox": [("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)],
 }
 LAYERS = 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from asvd_passes.kv import find_attention_layers, greedy_kv_plan, resolve_group_size, uniform_kv_plan
 from asvd_passes.kv.layout import AttentionLayout
@@ -18,8 +19,15 @@ def test_layouts_of_every_family(family, tiny_model):
     assert [l.layer_idx for l in found] == [0, 1]
     layout = found[0]
     source = model.get_submodule(layout.source("key"))
-    assert layout.kv_width == (2 if family in ("llama", "mistral", "qwen2", "qwen3", "phi3") else 4) * layout.head_dim
-    if layout.fused:  # K and V rows sit after the query rows of the fused projection
+    assert layout.kv_width == (4 if family in ("opt", "gpt2", "gpt_neox") else 2) * layout.head_dim
+    if family in ("gemma2", "gemma3"):
+        assert layout.head_dim == 16 != model.config.hidden_size // layout.heads
+    if layout.interleaved:  # GPT-NeoX: per head [q_h | k_h | v_h]
+        d = layout.head_dim
+        assert layout.rows("key")[:d].tolist() == list(range(d, 2 * d))
+        assert layout.rows("value")[d:2 * d].tolist() == list(range(5 * d, 6 * d))
+        assert sorted(torch.cat([layout.rows(r) for r in ("query", "key", "value")]).tolist()) == list(range(3 * layout.q_width))
+    elif layout.fused:  # K and V rows sit after the query rows of the fused projection
         assert layout.rows("key").start == layout.q_width and layout.rows("value").stop == layout.q_width + 2 * layout.kv_width
     else:
         assert layout.source("value").endswith("v_proj") and source is model.get_submodule(f"{layout.name}.k_proj")

@@ -40,9 +40,14 @@ def test_full_rank_latent_reproduces_dense(family, group_size, tiny_model, token
     expected, _ = prefill_and_decode(dense, ids, prefill=8)
     got, cache = prefill_and_decode(model, ids, prefill=8)  # 16 decode steps, the model's own DynamicCache
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    # The cache held latents only: (batch, 1, tokens, width) per layer.
+    # The cache held latents only: (batch, 1, tokens, width) per layer; a sliding layer the last window - 1.
+    windows = 0
     for layer in cache.layers:
-        assert layer.keys.shape[:3] == (2, 1, 24) and layer.values.shape[:3] == (2, 1, 24)
+        held = layer.sliding_window - 1 if getattr(layer, "is_sliding", False) else 24
+        windows += held < 24
+        assert layer.keys.shape[:3] == (2, 1, held) and layer.values.shape[:3] == (2, 1, held)
+    if family in ("mistral", "gemma2", "gemma3"):  # the window is shorter than the sequence: it was exercised
+        assert windows
 
 
 def test_cache_bytes_are_exactly_the_latents(family, tiny_model, tokens):
@@ -52,8 +57,11 @@ def test_cache_bytes_are_exactly_the_latents(family, tiny_model, tokens):
     batch, length = 3, 11
     _, cache = prefill_and_decode(model, tokens(batch, length, seed=2), prefill=6)
     widths = sum(sum(r["key"]) + sum(r["value"]) for r in ranks.values())
-    assert cache_nbytes(cache) == batch * length * widths * 4
     attentions = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
+    # A sliding-window layer keeps the last window - 1 tokens (the window, 8, is shorter than the 11 tokens).
+    held = {a.layer_idx: min(length, a.sliding_window - 1) if a.sliding_window else length for a in attentions}
+    assert cache_nbytes(cache) == batch * 4 * sum(
+        held[a.layer_idx] * (a.k_proj.latent_width + a.v_proj.latent_width) for a in attentions)
     for attention in attentions:  # nothing of full width is kept across steps
         layer = cache.layers[attention.layer_idx]
         assert layer.keys.shape[-1] == attention.k_proj.latent_width < attention.layout.kv_width * 2

@@ -1,0 +1,429 @@
+"""The sequential (layer-wise) pipeline: one decoder block in memory at a time, as GPTQ calibrates.
+
+1. The calibration windows run through the embeddings; the hidden states entering block 0 are kept
+   (with what every block is called with: masks, position embeddings).
+2. Allocation (``fisher``) needs every projection's loss-cost curve, so a first pass stores each
+   block's dense inputs on disk, back-propagates the loss block by block (last to first, one block
+   materialised, exact whole-model gradients) and, per block, observes the statistics, takes each
+   scaled SVD and keeps only its cost curve. The global greedy then meets the budget exactly.
+   ``uniform`` and explicit ranks need no first pass.
+3. For each block in turn: capture it with ``torch.export`` on its real inputs, match its projections,
+   insert observers, run the calibration hidden states through the observed graph, decompose with
+   the planned ranks (optionally refit ``up``), rewrite the block graph's projection nodes into the
+   low-rank modules and run **that rewritten graph** to produce the next block's inputs; then swap
+   the modules into the block and hand it back (written to shards when the model is offloaded).
+
+With ``sequential_calibration`` on, block i is observed on the outputs of the already-compressed
+blocks before it; off, on the dense model's (then the factors equal the whole-model path's).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import kv
+from ..allocation.block_cache import decoder_layers
+from ..allocation.budget import greedy_plan
+from ..allocation.fisher import loss_cost_curve
+from ..config import ASVDConfig
+from ..decompose import ScaledSVD
+from ..errors import InvalidInputError
+from ..graph import InsertObserversPass, LowRankRewritePass, RemoveObserversPass, find_projections, group_by_input
+from ..graph.observers import PairedInputStatistics
+from ..modules import LowRankLinear, projection_weight, replace_module
+from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
+from ..refit import refit_up
+from ..scaling import shared_scalings
+from .whole import NoProjectionsError
+from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
+
+
+class SequentialPipelineError(InvalidInputError):
+    """The configuration asks for something the sequential pipeline does not do."""
+
+
+@dataclass
+class SequentialResult:
+    plan: RankPlan
+    kv_plan: "kv.KVPlan | None"
+    shapes: dict[str, ProjectionShape]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _ActivationStore:
+    """Per-block hidden states kept on disk between the passes (memory follows one block, not the depth)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(tempfile.mkdtemp(prefix="asvd-activations-", dir=folder))
+
+    def put(self, index: int, tensors: list[torch.Tensor]) -> None:
+        torch.save([t.cpu() for t in tensors], self.folder / f"block-{index:05d}.pt")
+
+    def get(self, index: int) -> list[torch.Tensor]:
+        return torch.load(self.folder / f"block-{index:05d}.pt", weights_only=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SequentialPipeline:
+    """Compress ``model`` block by block; ``weights`` says where block tensors live between uses."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights,
+        config: ASVDConfig,
+        windows: torch.Tensor,
+        device: torch.device,
+        select: Callable[[str, nn.Module], bool],
+        kv_layouts: list | None = None,
+        on_block_done: Callable[[str, nn.Module], None] | None = None,
+        offload_folder: str | Path | None = None,
+        progress: bool = True,
+    ):
+        if config.allocation == "strs" and config.compresses_weights:
+            raise SequentialPipelineError("STRS probes perplexity on the whole model: use --pipeline whole for strs")
+        if config.include_lm_head and config.compresses_weights:
+            raise SequentialPipelineError("the sequential pipeline compresses decoder blocks only; drop include_lm_head")
+        self.model = model
+        self.weights = weights
+        self.config = config
+        self.windows = windows
+        self.device = torch.device(device)
+        self.select = select
+        self.kv_layouts = kv_layouts
+        self.on_block_done = on_block_done
+        self.offload_folder = Path(offload_folder) if offload_folder is not None else None
+        self.progress = progress
+        self.layers = decoder_layers(model)
+        self.prefix = block_prefix(model)
+        self.seconds: dict[str, float] = {}
+        self.group_size = kv.resolve_group_size(kv_layouts, config.kv_group_size) if kv_layouts else None
+        self._storage_dtype = next(p for p in model.parameters()).dtype
+        # Blocks may compute in another dtype than they are stored in (float32 on CPU).
+        self.compute_dtype = getattr(weights, "compute_dtype", None) or self._storage_dtype
+
+    def _feed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.compute_dtype)
+
+    # -- structure -------------------------------------------------------------------------------
+
+    def _name(self, index: int, relative: str) -> str:
+        return f"{self.prefix}.{index}.{relative}"
+
+    def _kv_sources(self, index: int) -> list[str]:
+        if not self.kv_layouts:
+            return []
+        return list(dict.fromkeys(l.source(r) for l in self._block_layouts(index) for r in kv.plan.ROLES))
+
+    def _block_layouts(self, index: int) -> list:
+        head = f"{self.prefix}.{index}."
+        return [l for l in (self.kv_layouts or []) if l.name.startswith(head)]
+
+    def _block_projections(self, index: int, graph, block):
+        """(weight-plan projections, observed projections incl. K/V sources) of block ``index``'s graph."""
+        found = find_projections(graph, block)
+        for p in found:
+            p.name = self._name(index, p.name)
+        kv_sources = set(self._kv_sources(index))
+        by_name = {p.name: p for p in found}
+        missing = [name for name in kv_sources if name not in by_name]
+        if missing:
+            raise InvalidInputError(f"K/V projections {missing[:3]} were not found in the traced block graph")
+        selected = []
+        if self.config.compresses_weights:
+            selected = [
+                p for p in found
+                if p.name not in kv_sources and self.select(p.name, self.model.get_submodule(p.name))
+            ]
+        observed = selected + [by_name[name] for name in by_name if name in kv_sources]
+        return selected, observed
+
+    def _survey(self, hidden: torch.Tensor, call: BlockCall) -> dict[str, ProjectionShape]:
+        """Shapes of the selected projections of every block, from block 0's graph (blocks repeat)."""
+        block = self.weights.load(f"{self.prefix}.0", self.layers[0])
+        try:
+            graph = capture_block(block, self._feed(hidden), call)
+            selected, _ = self._block_projections(0, graph, block)
+            if not find_projections(graph, block):
+                raise NoProjectionsError(f"{type(self.model).__name__} has no linear projections to compress")
+            if not selected:
+                raise NoProjectionsError("No projection is left to compress after the filters")
+        finally:
+            self.weights.release(f"{self.prefix}.0", self.layers[0], self._storage_dtype)
+        relative = [p.name[len(self._name(0, "")):] for p in selected]
+        shapes = {}
+        for index, layer in enumerate(self.layers):
+            for rel in relative:
+                try:
+                    module = layer.get_submodule(rel)
+                except AttributeError as err:
+                    raise SequentialPipelineError(f"block {index} has no {rel} (blocks differ in structure)") from err
+                out_features, in_features = projection_weight(module).shape
+                shapes[self._name(index, rel)] = ProjectionShape(out_features, in_features)
+        return shapes
+
+    # -- passes ----------------------------------------------------------------------------------
+
+    def run(self) -> SequentialResult:
+        tick = time.perf_counter()
+        hidden, calls = record_block_inputs(self.model, self.windows, self.device)
+        calls = [call.to(self.device, self.compute_dtype) for call in calls]
+        self.seconds["block_inputs"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        shapes = self._survey(hidden[0], calls[0]) if self.config.compresses_weights else {}
+        needs_curves = (self.config.compresses_weights and self.config.allocation == "fisher" and not
+                        (self.config.ranks and self.config.param_ratio is None)) or (
+            self.kv_layouts is not None and self.config.kv_allocation == "fisher")
+        curves, kv_costs = self._cost_curves(hidden, calls, shapes) if needs_curves else ({}, {})
+        plan = self._plan(shapes, curves)
+        kv_plan = self._kv_plan(kv_costs)
+        self.seconds["allocate"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        self._factor(hidden, calls, plan, kv_plan)
+        self.seconds["factor"] = time.perf_counter() - tick
+        return SequentialResult(plan, kv_plan, shapes, self.seconds)
+
+    def _plan(self, shapes, curves) -> RankPlan:
+        config = self.config
+        if not config.compresses_weights:
+            return RankPlan({}, {})
+        if config.ranks and config.param_ratio is None:
+            return explicit_plan(shapes, config.ranks)
+        if config.allocation == "uniform":
+            plan = uniform_ratio_plan(shapes, config.param_ratio, config.rank_multiple)
+        else:
+            plan = greedy_plan(shapes, lambda name, rank: curves[name][min(rank, len(curves[name]) - 1)],
+                               config.param_ratio, config.rank_multiple)
+        return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
+
+    def _kv_plan(self, costs):
+        if not self.kv_layouts:
+            return None
+        config = self.config
+        if config.kv_allocation == "uniform":
+            return kv.uniform_kv_plan(self.kv_layouts, config.kv_ratio, self.group_size, config.rank_multiple)
+        return kv.greedy_kv_plan(self.kv_layouts, costs, config.kv_ratio, self.group_size, config.rank_multiple,
+                                 equal_widths=config.kv_equal_widths)
+
+    def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall, reference=None):
+        """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats.
+
+        With ``reference`` (dense-path inputs, for the refit), each window runs on the dense path
+        first and the observers also accumulate the cross moment; the dense outputs are returned.
+        """
+        graph = capture_block(block, self._feed(inputs[0]), call)
+        selected, observed = self._block_projections(index, graph, block)
+        statistics, dense_outputs = {}, None
+        needed = self.config.statistics
+        if observed and (needed or reference is not None):
+            observer_class = PairedInputStatistics if reference is not None else None
+            observe = (InsertObserversPass(group_by_input(observed), needed, observer_class)
+                       if observer_class else InsertObserversPass(group_by_input(observed), needed))
+            graph = observe(graph).graph_module
+            dense_outputs = [] if reference is not None else None
+            with torch.no_grad():
+                for position, x in enumerate(inputs):
+                    if reference is not None:
+                        for observer in set(observe.observers.values()):
+                            observer.reference = True
+                        dense_outputs.append(graph(self._feed(reference[position]), *call.args, **call.kwargs).cpu())
+                        for observer in set(observe.observers.values()):
+                            observer.reference = False
+                    graph(self._feed(x), *call.args, **call.kwargs)
+            RemoveObserversPass()(graph)
+            statistics = observe.observers
+        return graph, selected, observed, statistics, dense_outputs
+
+    def _cost_curves(self, hidden, calls, shapes):
+        """Pass 1: every weight projection's and K/V group's loss-cost curve, on the dense model."""
+        config = self.config
+        store = _ActivationStore(self.offload_folder)
+        samples = min(config.sensitivity_samples, len(hidden))
+        try:
+            current = hidden
+            for index, layer in enumerate(tqdm(self.layers, desc="dense pass", disable=not self.progress)):
+                store.put(index, current)
+                block = self.weights.load(self._name(index, "")[:-1], layer)
+                with torch.no_grad():
+                    current = [run_block(block, self._feed(x), calls[index]).cpu() for x in current]
+                self.weights.release(self._name(index, "")[:-1], layer, self._storage_dtype)
+            grads = self._head_gradients(current[:samples])
+            del current
+            curves, kv_costs = {}, {}
+            for index in tqdm(range(len(self.layers) - 1, -1, -1), desc="sensitivities", disable=not self.progress):
+                layer = self.layers[index]
+                prefix = self._name(index, "")[:-1]
+                block = self.weights.load(prefix, layer)
+                inputs = store.get(index)
+                _, selected, observed, statistics, _ = self._observe(index, block, inputs, calls[index])
+                names = [p.name for p in observed]
+                fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index])
+                scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
+                                           config.asvd_statistic)
+                for p in selected:
+                    if p.name not in shapes:
+                        continue
+                    svd = ScaledSVD.of(projection_weight(self.model.get_submodule(p.name)), scalings[p.name])
+                    stats = statistics.get(p.name)
+                    gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
+                    curves[p.name] = loss_cost_curve(svd, fisher[p.name], gram).tolist()
+                    del svd
+                layouts = self._block_layouts(index)
+                if layouts and config.kv_allocation == "fisher":
+                    svds = self._kv_svds(layouts, scalings, statistics)
+                    for (name, role, g), svd in svds.items():
+                        layout = next(l for l in layouts if l.name == name)
+                        source = layout.source(role)
+                        width = self.group_size * layout.head_dim
+                        rows = fisher[source][layout.rows(role)][g * width:(g + 1) * width]
+                        stats = statistics.get(source)
+                        gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
+                        kv_costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
+                del statistics, scalings, inputs
+                self.weights.release(prefix, layer, self._storage_dtype)
+        finally:
+            store.close()
+        return curves, kv_costs
+
+    def _head_gradients(self, last_hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂(summed token loss)/∂(last block output) per sensitivity window; blocks are bypassed."""
+        grads = []
+        layers = self.layers
+        for position, h in enumerate(last_hidden):
+            leaf = h.to(self.device, self._storage_dtype).detach().requires_grad_(True)
+
+            def make_forward(index):
+                def forward(hidden_states, *args, **kwargs):
+                    return leaf if index == len(layers) - 1 else hidden_states
+
+                return forward
+
+            ids = self.windows[position][None].to(self.device)
+            with _patched_forwards(layers, make_forward), torch.enable_grad():
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                (loss * (ids.shape[1] - 1)).backward()
+            grads.append(leaf.grad.detach().cpu())
+        for p in self.model.parameters():
+            p.grad = None
+        return grads
+
+    def _block_fisher(self, block, prefix, names, inputs, grads, call):
+        """Diagonal Fisher of each named projection's output in one block, and the gradient at its input."""
+        sums: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def make_hook(name):
+            def record(grad):
+                flat = grad.detach().reshape(-1, grad.shape[-1]).double().pow(2).sum(0).cpu()
+                sums[name] = flat if name not in sums else sums[name] + flat
+
+            def hook(module, args, output):
+                if output.requires_grad:
+                    output.register_hook(record)
+
+            return hook
+
+        for name in names:
+            handles.append(self.model.get_submodule(name).register_forward_hook(make_hook(name)))
+        flags = {p: p.requires_grad for p in block.parameters()}
+        previous = []
+        tokens = 0
+        try:
+            for p in block.parameters():
+                p.requires_grad_(False)
+            for x, grad in zip(inputs, grads):
+                leaf = self._feed(x).detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = run_block(block, leaf, call)
+                    out.backward(grad.to(out.device, out.dtype))
+                previous.append(leaf.grad.detach().cpu())
+                tokens += x.shape[1] - 1
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        missing = [name for name in names if name not in sums]
+        if missing:
+            raise RuntimeError(f"No gradient reached {missing[:3]}")
+        return {name: value / tokens for name, value in sums.items()}, previous
+
+    def _kv_svds(self, layouts, scalings, statistics):
+        grams = None
+        if self.config.kv_output_metric:
+            grams = {
+                name: statistics[name].gram / statistics[name].count
+                for name in {l.source(r) for l in layouts for r in kv.plan.ROLES}
+                if name in statistics and statistics[name].gram is not None
+            }
+        return kv.group_svds(self.model, layouts, scalings, self.group_size, grams)
+
+    def _factor(self, hidden, calls, plan: RankPlan, kv_plan) -> None:
+        """Pass 2: factor each block with the planned ranks and produce the next block's inputs."""
+        config = self.config
+        refit = config.refit_up
+        current, reference = hidden, (hidden if refit else None)
+        for index, layer in enumerate(tqdm(self.layers, desc="compress blocks", disable=not self.progress)):
+            prefix = self._name(index, "")[:-1]
+            block = self.weights.load(prefix, layer)
+            call = calls[index]
+            graph, selected, observed, statistics, dense_outputs = self._observe(index, block, current, call, reference)
+            scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
+                                       config.asvd_statistic)
+            replacements = {}
+            for p in selected:
+                rank = plan.ranks.get(p.name)
+                if rank is None:
+                    continue
+                dense = self.model.get_submodule(p.name)
+                weight = projection_weight(dense)
+                svd = ScaledSVD.of(weight, scalings[p.name])
+                down, up = svd.factors(rank)
+                del svd
+                if refit:
+                    stats = statistics[p.name]
+                    up = refit_up(weight, down, stats.cross, stats.gram)
+                replacements[p.name] = LowRankLinear.from_factors(
+                    down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
+            layouts = self._block_layouts(index)
+            if not config.sequential_calibration and dense_outputs is None:
+                with torch.no_grad():  # the dense block's outputs feed the next block
+                    dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
+            relative = {name[len(prefix) + 1:]: module for name, module in replacements.items()}
+            if layouts:
+                svds = self._kv_svds(layouts, scalings, statistics)
+                for name, module in relative.items():
+                    replace_module(block, name, module)
+                kv.apply_kv_plan(self.model, layouts, kv_plan, svds)
+                step = lambda x: run_block(block, x, call)  # noqa: E731  (the latent attention runs eagerly)
+            else:
+                projections = {p.name[len(prefix) + 1:]: p for p in selected}
+                for p in projections.values():
+                    p.name = p.name[len(prefix) + 1:]
+                LowRankRewritePass(list(projections.values()), relative)(graph)
+                step = lambda x, g=graph: g(x, *call.args, **call.kwargs)  # noqa: E731  (the rewritten graph executes)
+                for name, module in relative.items():
+                    replace_module(block, name, module)
+            if config.sequential_calibration:
+                with torch.no_grad():
+                    current = [step(self._feed(x)).cpu() for x in current]
+            else:
+                current = dense_outputs
+            reference = dense_outputs if refit else None
+            del graph, statistics, scalings, replacements
+            if self.on_block_done is not None:
+                self.on_block_done(prefix, self.layers[index])
+            self.weights.release(prefix, self.layers[index], self._storage_dtype)
