@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
+from .config import DEFAULT_PARAM_RATIO
+from .errors import ASVDError, InvalidInputError, MissingFileError
+
 DEFAULT_METHOD = "whiten"
 DEFAULT_ALLOCATION = "fisher"
-DEFAULT_PARAM_RATIO = 0.9
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +18,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD)
     parser.add_argument("--param-ratio", type=float, default=None,
-                        help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with --kv-ratio alone)")
+                        help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with "
+                             "--kv-ratio, --ranks or --ppl-target: those alone leave the other weights dense)")
     parser.add_argument("--kv-ratio", type=float, default=None,
                         help="latent KV cache: cached latent width / dense K+V width, in (0, 1]")
     parser.add_argument("--kv-group-size", type=int, default=None,
@@ -51,22 +54,22 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="least-squares refit of each up factor against the dense outputs (sequential pipeline)")
 
 
-def run_compress(args: argparse.Namespace) -> int:
-    import torch
-
-    from .compressor import ASVDCompressor
+def compress_config(args: argparse.Namespace):
+    """The ``ASVDConfig`` of ``asvd compress`` arguments; an absent ``--param-ratio`` is the config's default rule."""
     from .config import ASVDConfig
 
     ranks = None
     if args.ranks:
-        with open(args.ranks, encoding="utf-8") as handle:
-            ranks = json.load(handle)
-    param_ratio = args.param_ratio
-    if param_ratio is None and args.ppl_target is None and args.kv_ratio is None and not ranks:
-        param_ratio = DEFAULT_PARAM_RATIO
-    config = ASVDConfig(
+        try:
+            with open(args.ranks, encoding="utf-8") as handle:
+                ranks = json.load(handle)
+        except FileNotFoundError as err:
+            raise MissingFileError(f"--ranks file not found: {args.ranks}") from err
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"--ranks {args.ranks} is not a JSON {{module_name: rank}} map: {err}") from err
+    return ASVDConfig(
         method=args.method,
-        param_ratio=param_ratio,
+        param_ratio=args.param_ratio,
         kv_ratio=args.kv_ratio,
         kv_group_size=args.kv_group_size,
         kv_allocation=args.kv_allocation,
@@ -89,6 +92,14 @@ def run_compress(args: argparse.Namespace) -> int:
         sequential_calibration=args.sequential_calibration,
         refit_up=args.refit_up,
     )
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compressor import ASVDCompressor
+
+    config = compress_config(args)
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     report = compressor.compress(config, save_dir=args.out)
     if report.ranks:
@@ -163,7 +174,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if args.runtime == "genai" and not (path / "model.onnx").is_file():
-        raise ValueError("--runtime genai runs an ONNX folder exported with --genai, not a PyTorch model folder")
+        raise InvalidInputError("--runtime genai runs an ONNX folder exported with --genai, not a PyTorch model folder")
     if (path / "model.onnx").is_file():
         import numpy as np
 
@@ -193,7 +204,7 @@ def run_generate(args: argparse.Namespace) -> int:
         from .models import load_model_and_tokenizer
 
         if args.provider != "cpu":
-            raise ValueError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
+            raise InvalidInputError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
         model, tokenizer = load_model_and_tokenizer(None if args.path == "default" else args.path)
         ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
         torch.manual_seed(args.seed)
@@ -228,10 +239,10 @@ def run_eval(args: argparse.Namespace) -> int:
     onnx_folder = args.model is not None and (Path(args.model) / "model.onnx").is_file()
     if args.tasks:
         if onnx_folder:
-            raise ValueError("--tasks runs lm-eval on a PyTorch model folder; for an ONNX export use --data (perplexity)")
+            raise InvalidInputError("--tasks runs lm-eval on a PyTorch model folder; for an ONNX export use --data (perplexity)")
         return run_zero_shot(args)
     if not args.data:
-        raise ValueError("asvd eval needs --data FILE (perplexity) or --tasks NAMES (lm-eval zero-shot accuracy)")
+        raise InvalidInputError("asvd eval needs --data FILE (perplexity) or --tasks NAMES (lm-eval zero-shot accuracy)")
     import torch
 
     from .evaluate import perplexity
@@ -244,7 +255,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = runtime.perplexity(args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
     else:
         if args.provider != "cpu":
-            raise ValueError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
+            raise InvalidInputError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype))
         result = perplexity(model, tokenizer, args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
     if args.json:
@@ -316,15 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_reporting_errors(run, args: argparse.Namespace) -> int:
+    """``run(args)``; an error the tool raises on purpose (:class:`ASVDError`) becomes one line and exit status 2.
+
+    Anything else (out of memory, a bug) propagates with its traceback.
+    """
+    try:
+        return run(args)
+    except ASVDError as err:
+        print(f"asvd: error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "model", None) == "default":
         args.model = None
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"asvd: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(args.run, args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ASVDConfig
 from .data import calibration_windows
+from .errors import InvalidInputError
 from .plots import plot_ranks
 from .pipelines.whole import Analysis, NoProjectionsError, WholeModelPipeline
 from .report import CompressionReport, build_report, model_params, quantization_config
@@ -76,7 +77,7 @@ class ASVDCompressor(OptimumQuantizer):
         load_config(folder)  # an unknown architecture or a non-model folder fails here, not later
         return cls(None, load_tokenizer(folder), source=str(folder), dtype=dtype)
 
-    def quantize(self, save_dir, file_prefix=None, **kwargs):
+    def quantize(self, save_dir, **kwargs):
         """Optimum's entry point: same as :meth:`compress`."""
         return self.compress(save_dir=save_dir, **kwargs)
 
@@ -122,7 +123,7 @@ class ASVDCompressor(OptimumQuantizer):
         config.validate()
         model = self.model.eval()
         if any(isinstance(m, (LowRankLinear, LatentKVAttention)) for m in model.modules()):
-            raise ValueError("This model is already ASVD-compressed; compress the original model instead")
+            raise InvalidInputError("This model is already ASVD-compressed; compress the original model instead")
         if config.kv_ratio is not None:  # attention the family table does not cover is refused before any work
             from . import kv
 
@@ -162,15 +163,15 @@ class ASVDCompressor(OptimumQuantizer):
     def _calibration(self, config: ASVDConfig, calibration) -> torch.Tensor:
         if isinstance(calibration, torch.Tensor):
             if calibration.dim() != 2 or calibration.shape[1] < 2:
-                raise ValueError("calibration tensor must be (samples, seqlen) token ids")
+                raise InvalidInputError("calibration tensor must be (samples, seqlen) token ids")
             return calibration.long().cpu()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and config.seqlen > limit:
-            raise ValueError(f"seqlen {config.seqlen} is longer than the model's {limit} positions")
+            raise InvalidInputError(f"seqlen {config.seqlen} is longer than the model's {limit} positions")
         source = calibration if calibration is not None else config.calibration
         if source not in (None, "selfgen") or config.statistics:
             if self.tokenizer is None:
-                raise ValueError("calibration from text needs a tokenizer: use from_pretrained or pass token ids")
+                raise InvalidInputError("calibration from text needs a tokenizer: use from_pretrained or pass token ids")
         if self.tokenizer is None:
             # Plain SVD needs no statistics; a tracing example of random ids is enough.
             generator = torch.Generator().manual_seed(config.seed)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from optimum.configuration_utils import BaseConfig
 
+from .errors import InvalidInputError
+
 METHODS = ("svd", "asvd", "whiten")
 ALLOCATIONS = ("uniform", "strs", "fisher")
 DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
+DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
 PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
@@ -18,8 +21,13 @@ class ASVDConfig(BaseConfig):
 
     Args:
         method: ``svd`` (S = I), ``asvd`` (S = diag(stat|x|^alpha)) or ``whiten`` (S = chol(XᵀX)).
-        param_ratio: kept / original parameters of the selected projections, in (0, 1].
-        ranks: explicit ``{module_name: rank}``; overrides ``param_ratio`` for the names it lists.
+        param_ratio: kept / original parameters of the selected projections, in (0, 1]. ``None`` (the
+            default) means 0.9 when nothing else is asked for, and no weight compression when
+            ``ranks``, ``ppl_target`` or ``kv_ratio`` is given: ``ASVDConfig(kv_ratio=0.5)`` compresses
+            only K/V, like ``asvd compress --kv-ratio 0.5``. Give ``param_ratio`` explicitly to
+            compress the weights as well.
+        ranks: explicit ``{module_name: rank}``; alone, only the names it lists are factored; with
+            ``param_ratio`` it overrides the allocation for the names it lists.
         alpha: ASVD exponent on the activation statistic.
         asvd_statistic: ``abs_mean`` (the paper) or ``abs_max`` for the ``asvd`` method.
         allocation: how ranks are chosen under the budget: ``uniform`` (one ratio everywhere),
@@ -32,7 +40,8 @@ class ASVDConfig(BaseConfig):
         calibration: ``None``/``"selfgen"``, a text file path, or ``"hf:NAME[:CONFIG[:SPLIT]]"``.
         calib_samples, seqlen, seed: calibration set shape and seed.
         kv_ratio: latent KV cache width / dense K+V width, in (0, 1]; ``None`` leaves K/V alone.
-            With ``param_ratio`` too, the weight budget covers the other projections.
+            Alone it leaves the weights dense; with ``param_ratio`` too, the weight budget covers the
+            other projections.
         kv_group_size: KV heads per latent group (``None``: one latent shared by all KV heads).
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
@@ -47,7 +56,7 @@ class ASVDConfig(BaseConfig):
     def __init__(
         self,
         method: str = "whiten",
-        param_ratio: float | None = 0.9,
+        param_ratio: float | None = None,
         ranks: dict[str, int] | None = None,
         alpha: float = 0.5,
         asvd_statistic: str = "abs_mean",
@@ -75,6 +84,8 @@ class ASVDConfig(BaseConfig):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if param_ratio is None and not ranks and ppl_target is None and kv_ratio is None:
+            param_ratio = DEFAULT_PARAM_RATIO  # nothing asked for: compress the weights at the default ratio
         self.method = method
         self.param_ratio = param_ratio
         self.ranks = dict(ranks) if ranks else None
@@ -105,42 +116,42 @@ class ASVDConfig(BaseConfig):
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise InvalidInputError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.asvd_statistic not in ASVD_STATISTICS:
-            raise ValueError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
+            raise InvalidInputError(f"Unknown asvd_statistic {self.asvd_statistic!r}; choose one of {ASVD_STATISTICS}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+            raise InvalidInputError(f"Unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.pipeline not in PIPELINES:
-            raise ValueError(f"Unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
+            raise InvalidInputError(f"Unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
         if self.device not in DEVICES:
-            raise ValueError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+            raise InvalidInputError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.max_memory is not None and not float(self.max_memory) > 0:
-            raise ValueError(f"max_memory must be a positive number of GiB, got {self.max_memory}")
+            raise InvalidInputError(f"max_memory must be a positive number of GiB, got {self.max_memory}")
         if self.pipeline == "sequential" and (self.allocation == "strs" and self.compresses_weights):
-            raise ValueError("allocation 'strs' probes the whole model: use pipeline 'whole' (or 'auto')")
+            raise InvalidInputError("allocation 'strs' probes the whole model: use pipeline 'whole' (or 'auto')")
         if self.ppl_target is not None and self.allocation != "strs":
-            raise ValueError("ppl_target needs allocation='strs'")
+            raise InvalidInputError("ppl_target needs allocation='strs'")
         if self.param_ratio is None and not self.ranks and self.ppl_target is None and self.kv_ratio is None:
-            raise ValueError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map or a kv_ratio")
+            raise InvalidInputError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map or a kv_ratio")
         if self.kv_ratio is not None and not (0.0 < float(self.kv_ratio) <= 1.0):
-            raise ValueError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
+            raise InvalidInputError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
         if self.kv_allocation not in KV_ALLOCATIONS:
-            raise ValueError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
+            raise InvalidInputError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
         if self.kv_group_size is not None and (not isinstance(self.kv_group_size, int) or self.kv_group_size < 1):
-            raise ValueError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
+            raise InvalidInputError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
         if self.rank_multiple < 1 or self.sensitivity_samples < 1:
-            raise ValueError("rank_multiple and sensitivity_samples must be >= 1")
+            raise InvalidInputError("rank_multiple and sensitivity_samples must be >= 1")
         if not self.strs_candidates or not all(0.0 < c < 1.0 for c in self.strs_candidates):
-            raise ValueError(f"strs_candidates must lie in (0, 1), got {self.strs_candidates}")
+            raise InvalidInputError(f"strs_candidates must lie in (0, 1), got {self.strs_candidates}")
         if self.param_ratio is not None and not (0.0 < float(self.param_ratio) <= 1.0):
-            raise ValueError(f"param_ratio must lie in (0, 1], got {self.param_ratio}")
+            raise InvalidInputError(f"param_ratio must lie in (0, 1], got {self.param_ratio}")
         if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+            raise InvalidInputError(f"alpha must be >= 0, got {self.alpha}")
         if self.calib_samples < 1 or self.seqlen < 2:
-            raise ValueError("calib_samples must be >= 1 and seqlen >= 2")
+            raise InvalidInputError("calib_samples must be >= 1 and seqlen >= 2")
         for name, rank in (self.ranks or {}).items():
             if not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"rank for {name!r} must be a positive integer, got {rank!r}")
+                raise InvalidInputError(f"rank for {name!r} must be a positive integer, got {rank!r}")
 
     @property
     def statistics(self) -> tuple[str, ...]:

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInputError
+
 SELFGEN = "selfgen"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InvalidInputError):
     """The calibration source cannot provide the requested windows."""
 
 

@@ -51,11 +51,6 @@ class ScaledSVD:
         up = self.u[:, :rank] * root[None, :]
         return down, up
 
-    def discarded_energy(self, rank: int) -> float:
-        """Relative squared spectral energy cut away at ``rank`` (the scaled output error)."""
-        energy = self.sigma.pow(2)
-        return (energy[rank:].sum() / energy.sum()).item()
-
 
 def _safe(sigma: torch.Tensor) -> torch.Tensor:
     """σ with (numerically) zero values lifted, so dividing by it never makes inf: those directions carry ~0."""

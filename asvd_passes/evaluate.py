@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import read_text, tokenize
+from .errors import InvalidInputError
 
 
 @torch.no_grad()
@@ -17,7 +18,7 @@ def perplexity(model, tokenizer, source: str, seqlen: int = 512, windows: int | 
     """``{"ppl", "seqlen", "windows", "tokens"}`` over the first ``windows`` windows of ``source``."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and seqlen > limit:
-        raise ValueError(f"seqlen {seqlen} is longer than the model's {limit} positions")
+        raise InvalidInputError(f"seqlen {seqlen} is longer than the model's {limit} positions")
     model.eval()
     device = next(model.parameters()).device
 
@@ -34,7 +35,7 @@ def window_perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], tokeniz
     tokens = tokenize(tokenizer, read_text(source))
     available = tokens.numel() // seqlen
     if available < 1:
-        raise ValueError(f"{source} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        raise InvalidInputError(f"{source} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     count = available if windows is None else min(windows, available)
     total_nll, total_tokens = 0.0, 0
     for i in tqdm(range(count), desc="evaluate", disable=not progress):
@@ -44,5 +45,5 @@ def window_perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], tokeniz
         total_nll += nll.item()
         total_tokens += seqlen - 1
     if not math.isfinite(total_nll):
-        raise ValueError("perplexity is not finite: the model produced NaN/Inf logits")
+        raise InvalidInputError("perplexity is not finite: the model produced NaN/Inf logits")
     return {"ppl": math.exp(total_nll / total_tokens), "seqlen": seqlen, "windows": count, "tokens": total_tokens}

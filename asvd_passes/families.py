@@ -35,13 +35,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
+
 # RoPE types whose frequencies are fixed: keys rebuilt later can be rotated again with the same table.
 # "dynamic" and "longrope" change the frequencies with the sequence length, so a key the dense model
 # rotated (and cached) early would differ from the same key rotated again later.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InvalidInputError):
     """The model's attention (class or a config feature) is not covered by the adapter table."""
 
 
@@ -153,7 +155,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     matching = [(n, m) for n, m in lists if count is None or len(m) == count]
     if not matching:
-        raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__}")
+        raise InvalidInputError(f"Cannot find the decoder blocks of {type(model).__name__}")
     return max(matching, key=lambda item: len(item[1]))
 
 

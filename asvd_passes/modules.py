@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
+
 
 class LowRankLinear(nn.Module):
     """``y = up(down(x))`` with ``down: in -> rank`` (no bias) and ``up: rank -> out`` (keeps the bias).
@@ -94,7 +96,7 @@ def replace_with_empty_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
         try:
             dense = model.get_submodule(name)
         except AttributeError as err:
-            raise ValueError(f"The saved ASVD ranks name {name!r}, which this model does not have") from err
+            raise InvalidInputError(f"The saved ASVD ranks name {name!r}, which this model does not have") from err
         out_features, in_features = projection_shape(dense)
         weight = projection_weight(dense)
         bias = getattr(dense, "bias", None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class ProjectionShape:
@@ -59,7 +61,7 @@ def uniform_ratio_plan(shapes: dict[str, ProjectionShape], ratio: float, multipl
     of saving (e.g. 64×32 → rank 21, 2016 of 2048 weights) factoring would cost accuracy for it.
     """
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"param_ratio must lie in (0, 1], got {ratio}")
+        raise InvalidInputError(f"param_ratio must lie in (0, 1], got {ratio}")
     if ratio == 1.0:
         return RankPlan(shapes, {name: None for name in shapes})
     ranks: dict[str, int | None] = {}
@@ -74,10 +76,10 @@ def explicit_plan(shapes: dict[str, ProjectionShape], ranks: dict[str, int], bas
     """Apply a ``{module_name: rank}`` map (on top of ``base`` if given); ranks up to min(in, out) are factored."""
     unknown = sorted(set(ranks) - set(shapes))
     if unknown:
-        raise ValueError(f"ranks map names modules that are not selected projections: {unknown[:5]}")
+        raise InvalidInputError(f"ranks map names modules that are not selected projections: {unknown[:5]}")
     plan = RankPlan(shapes, dict(base.ranks) if base else {name: None for name in shapes})
     for name, rank in ranks.items():
         if not 1 <= rank <= shapes[name].max_rank:
-            raise ValueError(f"rank {rank} for {name} outside [1, {shapes[name].max_rank}]")
+            raise InvalidInputError(f"rank {rank} for {name} outside [1, {shapes[name].max_rank}]")
         plan.ranks[name] = int(rank)
     return plan

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidInputError
 from .graph.observers import InputStatistics
 
 
@@ -81,7 +82,7 @@ def whitening_scaling(stats: InputStatistics, max_tries: int = 8) -> WhiteningSc
         new_shift = max(-min_eig, 0.0) + scale * 1e-6 * (10**attempt)
         diagonal.add_(new_shift - shift)
         shift = new_shift
-    raise ValueError(
+    raise InvalidInputError(
         "Whitening failed: the Gram matrix stays non positive definite even after a diagonal shift; "
         "use more calibration data or --method asvd"
     )

@@ -9,13 +9,15 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import OutputExistsError
+
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it vanishes."""
     target = Path(target)
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
+        raise OutputExistsError(f"{target} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:

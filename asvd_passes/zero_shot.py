@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidInputError, MissingDependencyError, MissingFileError
+
 INSTALL_HINT = 'pip install "asvd-passes[eval]"  (lm-eval[hf]>=0.4.13)'
 
 
@@ -44,7 +46,7 @@ def _import_lm_eval():
         from lm_eval.tasks import TaskManager
         from lm_eval.utils import make_table
     except ImportError as err:
-        raise ImportError(f"zero-shot accuracy needs lm-evaluation-harness, which is not installed ({err}): {INSTALL_HINT}") from err
+        raise MissingDependencyError(f"zero-shot accuracy needs lm-evaluation-harness, which is not installed ({err}): {INSTALL_HINT}") from err
     return simple_evaluate, HFLM, TaskManager, make_table
 
 
@@ -55,7 +57,7 @@ def parse_tasks(tasks) -> list[str]:
     names = [str(name).strip() for name in (tasks or [])]
     names = [name for name in names if name]
     if not names:
-        raise ValueError("no lm-eval task given: pass one or more task names (e.g. --tasks piqa,arc_easy)")
+        raise InvalidInputError("no lm-eval task given: pass one or more task names (e.g. --tasks piqa,arc_easy)")
     return names
 
 
@@ -77,7 +79,7 @@ def resolve_tasks(tasks, include_path: str | os.PathLike | None = None):
     if include_path is not None:
         include = Path(include_path).expanduser()
         if not include.is_dir():
-            raise FileNotFoundError(f"include path {include} is not a folder of lm-eval task YAML files")
+            raise MissingFileError(f"include path {include} is not a folder of lm-eval task YAML files")
         include_path = str(include.resolve())
     manager = _task_manager(include_path)
     known = set(manager.all_tasks)
@@ -87,7 +89,7 @@ def resolve_tasks(tasks, include_path: str | os.PathLike | None = None):
         close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.75)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         where = f" or under {include_path}" if include_path else " (local task YAMLs: pass include_path / --include-path)"
-        raise ValueError(f"unknown lm-eval task {name!r}: not among lm-eval's {len(known)} tasks{where}{hint}")
+        raise InvalidInputError(f"unknown lm-eval task {name!r}: not among lm-eval's {len(known)} tasks{where}{hint}")
     return names, manager
 
 
@@ -156,9 +158,9 @@ def zero_shot(
         model_obj = model_obj.to(device or "cpu")
     elif isinstance(model, torch.nn.Module):
         if tokenizer is None:
-            raise ValueError("zero_shot on a model object needs its tokenizer: zero_shot(model, tasks, tokenizer=...)")
+            raise InvalidInputError("zero_shot on a model object needs its tokenizer: zero_shot(model, tasks, tokenizer=...)")
         if not hasattr(model, "config"):
-            raise ValueError(f"{type(model).__name__} is not a transformers model (no .config); lm-eval's HFLM needs one")
+            raise InvalidInputError(f"{type(model).__name__} is not a transformers model (no .config); lm-eval's HFLM needs one")
         model_obj = model if device is None else model.to(device)
         label = getattr(model.config, "_name_or_path", None) or type(model).__name__
     else:

@@ -225,7 +225,10 @@ def save(args, rows: list[dict], layouts: list[dict]) -> dict:
 def render(result: dict) -> str:
     contexts = result["settings"]["contexts"]
     dense_fp32 = next(r for r in result["rows"] if r["model"] == "dense" and r["weights"] == "fp32")
+    from asvd_passes.models import EMBEDDED_DESCRIPTION
+
     lines = [
+        f"Model: {EMBEDDED_DESCRIPTION}. "
         f"Measured {result['settings']['date']} on {result['settings']['machine']}; ONNX Runtime {result['settings']['onnxruntime']} "
         f"CPU EP, {result['settings']['threads']} threads; perplexity by ONNX Runtime on wiki.test.raw, seqlen "
         f"{result['settings']['seqlen']}, {dense_fp32['windows']} windows; decode: batch 1, {result['settings']['steps']} greedy "

@@ -1,15 +1,17 @@
 """Foundation benchmark: dense vs uniform-ratio compression of the embedded SmolLM2-135M.
 
-Each compression runs as its own `asvd compress` process, so its wall time and peak RSS
-(from the saved asvd_report.json) are its own. Writes a markdown table.
+Each compression runs as its own `asvd compress --allocation A` process (A = `--allocation`,
+default uniform: the committed table), so its wall time and peak RSS (from the saved
+asvd_report.json) are its own. Writes a markdown table.
 
-    python benchmarks/foundation.py --out benchmarks/results/foundation.md
+    python benchmarks/foundation.py      # writes benchmarks/results/foundation.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,11 +19,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def asvd(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     return result.stdout
@@ -50,9 +54,14 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--ratios", default="0.95")
     parser.add_argument("--methods", default="svd,asvd,whiten")
+    parser.add_argument("--allocation", choices=["uniform", "strs", "fisher"], default="uniform",
+                        help="rank allocation of every run (default uniform, as in the committed table; "
+                             "asvd compress's own default is fisher)")
     args = parser.parse_args()
+    from asvd_passes.models import EMBEDDED_DESCRIPTION
 
-    calib = ["--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "16", "--seqlen", str(args.seqlen), "--seed", "0"]
+    calib = ["--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "16", "--seqlen", str(args.seqlen), "--seed", "0",
+             "--allocation", args.allocation]
     rows = []
     dense = evaluate("default", args.windows, args.seqlen)
     rows.append(("dense", "-", "1.0000", "1.0000", dense["ppl"], "-", "-"))
@@ -74,8 +83,10 @@ def main() -> int:
             print(rows[-1], flush=True)
 
     lines = [
+        f"Model: {EMBEDDED_DESCRIPTION}. "
         f"Perplexity: WikiText-2 test, seqlen {args.seqlen}, {dense['windows']} windows ({dense['tokens']} tokens). "
-        "Calibration: 16×512 validation windows, seed 0. Uniform ratios.",
+        f"Calibration: 16×{args.seqlen} validation windows, seed 0. Allocation `{args.allocation}`"
+        + (" (one ratio for every projection)." if args.allocation == "uniform" else "."),
         "",
         "| method | requested ratio | achieved ratio (selected) | achieved ratio (whole model) | perplexity | compression s (calibration + decomposition) | peak RSS MiB |",
         "|---|---|---|---|---|---|---|",

@@ -8,6 +8,8 @@ Speed: greedy decode tokens/s after a prefill of C tokens (batch 1), dense cache
 cache of each group size at one KV ratio, interleaved in one run so machine noise hits all alike.
 
     python benchmarks/kv.py        # writes benchmarks/results/kv.{md,json}
+    python benchmarks/kv.py --skip-speed --out benchmarks/results/kv_quality    # the committed tables
+    python benchmarks/kv.py --skip-quality --out benchmarks/results/kv_speed
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
@@ -136,8 +139,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(dense=dense, rows=rows, speed=speed), indent=2))
+    from asvd_passes.models import EMBEDDED_DESCRIPTION
+
     lines = [] if args.skip_quality else [
-        f"SmolLM2-135M-Instruct, fp32, CPU. Perplexity: WikiText-2 test, seqlen {args.seqlen}, {dense['windows']} windows "
+        f"{EMBEDDED_DESCRIPTION}; CPU. Perplexity: WikiText-2 test, seqlen {args.seqlen}, {dense['windows']} windows "
         f"({dense['tokens']} tokens). Calibration 16×{args.seqlen} validation windows, seed 0. Only K/V compressed; "
         f"KV allocation `{args.allocation}`. Cache bytes per token measured from the cache after a 16-token forward.",
         "",

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
@@ -112,8 +113,10 @@ def write_outputs(args, dense: dict, rows: list[dict]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(dense=dense, rows=rows), indent=2))
+    from asvd_passes.models import EMBEDDED_DESCRIPTION
+
     lines = [
-        f"SmolLM2-135M-Instruct, fp32, CPU (2 cores). Perplexity: WikiText-2 test, seqlen {args.seqlen}, "
+        f"{EMBEDDED_DESCRIPTION}; CPU (2 cores). Perplexity: WikiText-2 test, seqlen {args.seqlen}, "
         f"{windows} windows ({tokens} tokens). Calibration: 16×{args.seqlen} validation windows, seed 0; "
         f"sensitivities on the first windows of them (fisher: 4, strs: {args.strs_samples}).",
         "",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asvd_passes.errors import InvalidInputError, MissingDependencyError, MissingFileError, UnavailableError
+
 from .onnx_export import GENAI_CONFIG_FILE, METADATA_FILE, ExportMetadata
 
 DEVICE_TYPES = {"cpu": "CPU", "cuda": "CUDA"}
@@ -21,7 +23,7 @@ def _genai():
     try:
         import onnxruntime_genai
     except ImportError as err:
-        raise ImportError(f"--runtime genai needs onnxruntime-genai: pip install onnxruntime-genai ({err})") from err
+        raise MissingDependencyError(f"--runtime genai needs onnxruntime-genai: pip install onnxruntime-genai ({err})") from err
     return onnxruntime_genai
 
 
@@ -32,13 +34,13 @@ class GenAICausalLM:
         og = _genai()
         folder = Path(folder)
         if not (folder / GENAI_CONFIG_FILE).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{folder} has no {GENAI_CONFIG_FILE}: export it with `asvd export onnx DIR --out {folder} --genai`"
             )
         if provider not in DEVICE_TYPES:
-            raise ValueError(f"provider must be one of {sorted(DEVICE_TYPES)}, got {provider!r}")
+            raise InvalidInputError(f"provider must be one of {sorted(DEVICE_TYPES)}, got {provider!r}")
         if provider == "cuda" and not og.is_cuda_available():
-            raise RuntimeError("onnxruntime-genai here has no CUDA support (install onnxruntime-genai-cuda on a GPU machine)")
+            raise UnavailableError("onnxruntime-genai here has no CUDA support (install onnxruntime-genai-cuda on a GPU machine)")
         self.folder = folder
         self.metadata = (ExportMetadata.from_json((folder / METADATA_FILE).read_text())
                          if (folder / METADATA_FILE).is_file() else None)

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from asvd_passes.errors import InvalidInputError, UnavailableError
+
 METADATA_FILE = "asvd_onnx.json"
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -96,7 +98,7 @@ def _cache_entries(model: nn.Module, layout: str = "asvd") -> tuple[str, list[Ca
     latent = _latent_attentions(model)
     if latent:
         if len(latent) != model.config.num_hidden_layers:
-            raise ValueError("ONNX export needs every attention layer latent-KV compressed (or none)")
+            raise InvalidInputError("ONNX export needs every attention layer latent-KV compressed (or none)")
         entries = []
         for attention in latent:
             i = attention.layer_idx
@@ -191,6 +193,35 @@ def _fold_policy(policy: str, value_up_as_linear: bool = False):
         LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear = previous
 
 
+@contextlib.contextmanager
+def _prepared(model: nn.Module, device: str, dtype: torch.dtype):
+    """``model`` on ``device``/``dtype``, in eval mode, with eager attention, for the export; all restored after.
+
+    The restore runs on success and on failure alike, and is exact: the original parameter and buffer
+    tensors are kept and put back (a cast to fp16 and back would round the weights).
+    """
+    parameters = [(m, name, p, p.data) for m in model.modules() for name, p in m._parameters.items() if p is not None]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    training = [(m, m.training) for m in model.modules()]
+    attention = model.config._attn_implementation
+    try:
+        model.to(device=device, dtype=dtype).eval()
+        model.set_attn_implementation("eager")  # explicit MatMul/Softmax with the model's own mask
+        yield model
+    finally:
+        model.set_attn_implementation(attention)
+        for module, name, parameter, data in parameters:
+            parameter.data = data
+            module._parameters[name] = parameter
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
+        for module, mode in training:
+            module.training = mode
+        for latent in _latent_attentions(model):  # drop the traced (fake) tensors the RoPE cache kept
+            if latent.key_embeddings is not None:
+                latent.key_embeddings.clear()
+
+
 def _example_inputs(model, entries, batch=2, seq=3, past=5):
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -230,29 +261,29 @@ def export_onnx(
     ``weights``: ``fp32``/``fp16`` (the export's float type; default: ``dtype``), or ``int8``/``int4``:
     an fp32 export whose MatMul weights, embedding and LM head ONNX Runtime's MatMulNBits quantizer
     turns into ``block_size``-wide blocks (:mod:`exporters.quantize`).
+    A model object passed in is moved to ``device``/``dtype``, put in eval mode with eager attention
+    for the export, and given back as it was (same tensors, modes and attention), also when the
+    export fails.
     """
-    import onnx
-
     from asvd_passes.families import check_latent_support
     from asvd_passes.models import load_model_and_tokenizer
-    from asvd_passes.serialization import atomic_directory
 
-    from .quantize import check_weights, quantize_onnx
+    from .quantize import check_weights
 
     if fold_value not in ("always", "never"):
-        raise ValueError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
+        raise InvalidInputError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     weights = weights or dtype
     check_weights(weights, block_size)
     if weights in ("fp32", "fp16"):
         dtype = weights
     elif dtype != "fp32":
-        raise ValueError(f"--weights {weights} quantizes an fp32 export; it cannot be combined with dtype {dtype}")
+        raise InvalidInputError(f"--weights {weights} quantizes an fp32 export; it cannot be combined with dtype {dtype}")
     if dtype not in ("fp32", "fp16"):
-        raise ValueError(f"dtype must be fp32 or fp16, got {dtype!r}")
+        raise InvalidInputError(f"dtype must be fp32 or fp16, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise UnavailableError("--device cuda was asked for, but torch sees no CUDA device")
     tokenizer = None
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
@@ -260,9 +291,18 @@ def export_onnx(
         model, tokenizer = load_model_and_tokenizer(model_or_path)
     check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    model = model.to(device=device, dtype=torch_dtype).eval()
-    previous_attention = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # explicit MatMul/Softmax with the model's own mask
+    with _prepared(model, device, torch_dtype):
+        return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, layout, weights, block_size, progress)
+
+
+def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, layout, weights, block_size, progress) -> ExportMetadata:
+    """The export proper, on a model that :func:`_prepared` has set up."""
+    import onnx
+
+    from asvd_passes.serialization import atomic_directory
+
+    from .quantize import quantize_onnx
+
     kind, entries = _cache_entries(model, layout)
     layers = model.config.num_hidden_layers
     packing, widths = {}, None
@@ -294,37 +334,31 @@ def export_onnx(
         pad_token_id=model.config.pad_token_id, fold_value=fold_value, layout=layout, packing=packing,
         weights=weights, block_size=block_size if weights in ("int8", "int4") else None,
     )
-    try:
-        with atomic_directory(out_dir) as staging, _fold_policy(fold_value, weights in ("int8", "int4")), torch.no_grad():
-            staging = Path(staging)
-            _progress(progress, f"tracing and converting to ONNX ({kind} cache, {layout} layout)")
-            program = torch.onnx.export(
-                wrapper, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=dynamic,
-                input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
-            )
-            external = _needs_external_data(model)
-            program.save(str(staging / MODEL_FILE), external_data=external)
-            del program
-            if weights in ("int8", "int4"):
-                _progress(progress, f"quantizing weights to {weights} (MatMulNBits, block {block_size})")
-                metadata.quantized = quantize_onnx(staging / MODEL_FILE, bits=int(weights[3:]), block_size=block_size,
-                                                   external_data=external)
-            proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = "asvd_onnx", metadata.to_json()
-            onnx.save(proto, str(staging / MODEL_FILE))
-            _progress(progress, "checking the ONNX model")
-            onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
-            (staging / METADATA_FILE).write_text(metadata.to_json())
-            if layout == "genai":
-                (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, metadata), indent=2))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-    finally:
-        model.set_attn_implementation(previous_attention)
-        for attention in _latent_attentions(model):  # drop the traced (fake) tensors the RoPE cache kept
-            if attention.key_embeddings is not None:
-                attention.key_embeddings.clear()
+    with atomic_directory(out_dir) as staging, _fold_policy(fold_value, weights in ("int8", "int4")), torch.no_grad():
+        staging = Path(staging)
+        _progress(progress, f"tracing and converting to ONNX ({kind} cache, {layout} layout)")
+        program = torch.onnx.export(
+            wrapper, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=dynamic,
+            input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
+        )
+        external = _needs_external_data(model)
+        program.save(str(staging / MODEL_FILE), external_data=external)
+        del program
+        if weights in ("int8", "int4"):
+            _progress(progress, f"quantizing weights to {weights} (MatMulNBits, block {block_size})")
+            metadata.quantized = quantize_onnx(staging / MODEL_FILE, bits=int(weights[3:]), block_size=block_size,
+                                               external_data=external)
+        proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "asvd_onnx", metadata.to_json()
+        onnx.save(proto, str(staging / MODEL_FILE))
+        _progress(progress, "checking the ONNX model")
+        onnx.checker.check_model(str(staging / MODEL_FILE), full_check=True)
+        (staging / METADATA_FILE).write_text(metadata.to_json())
+        if layout == "genai":
+            (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, metadata), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     return metadata
 
 

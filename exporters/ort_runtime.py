@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from asvd_passes.errors import InvalidInputError, MissingFileError, UnavailableError
+
 from .onnx_export import METADATA_FILE, MODEL_FILE, ExportMetadata
 
 PROVIDERS = {
@@ -30,7 +32,7 @@ NBIT_KERNELS = {
 }
 
 
-class ORTInputError(ValueError):
+class ORTInputError(InvalidInputError):
     """Inputs that do not fit the exported graph (names, ranks, widths)."""
 
 
@@ -40,20 +42,20 @@ class ORTCausalLM:
 
         folder = Path(folder)
         if not (folder / MODEL_FILE).is_file() or not (folder / METADATA_FILE).is_file():
-            raise FileNotFoundError(f"{folder} is not an exported ONNX folder ({MODEL_FILE} and {METADATA_FILE})")
+            raise MissingFileError(f"{folder} is not an exported ONNX folder ({MODEL_FILE} and {METADATA_FILE})")
         if provider not in PROVIDERS:
-            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+            raise InvalidInputError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         self.metadata = ExportMetadata.from_json((folder / METADATA_FILE).read_text())
         for op in self.metadata.quantized.get("ops", {}):
             if op in NBIT_KERNELS and provider not in NBIT_KERNELS[op]:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{folder} is a {self.metadata.weights} export with {op} nodes, which ONNX Runtime's "
                     f"{PROVIDERS[provider]} has no kernel for (it runs on: {', '.join(sorted(NBIT_KERNELS[op]))}); "
                     "export with --weights fp32/fp16 for this provider"
                 )
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
-            raise RuntimeError(
+            raise UnavailableError(
                 f"ONNX Runtime provider {PROVIDERS[provider]} is not available here (available: {', '.join(available)}); "
                 "install onnxruntime-gpu on a CUDA machine for --provider cuda"
             )
@@ -66,7 +68,7 @@ class ORTCausalLM:
         self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=providers)
         names = {i.name for i in self.session.get_inputs()}
         if names != set(self.metadata.inputs):
-            raise ValueError(f"{folder}: graph inputs {sorted(names)} differ from its metadata")
+            raise InvalidInputError(f"{folder}: graph inputs {sorted(names)} differ from its metadata")
         self.float_type = np.float16 if self.metadata.dtype == "fp16" else np.float32
 
     # -- one step ----------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class ORTCausalLM:
         from asvd_passes.evaluate import window_perplexity
 
         if not (self.folder / "tokenizer_config.json").is_file() and not (self.folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{self.folder} has no tokenizer files; export from a model folder to include them")
+            raise MissingFileError(f"{self.folder} has no tokenizer files; export from a model folder to include them")
         tokenizer = AutoTokenizer.from_pretrained(self.folder)
         result = window_perplexity(lambda window: torch.from_numpy(self.logits(window.numpy())), tokenizer, source,
                                    seqlen, windows, progress)

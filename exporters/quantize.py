@@ -18,6 +18,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from asvd_passes.errors import InvalidInputError, MissingDependencyError
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
@@ -26,9 +28,9 @@ QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
 def check_weights(weights: str, block_size: int | None) -> None:
     """Clear errors for an unknown weight format or block size, before any work."""
     if weights not in WEIGHT_FORMATS:
-        raise ValueError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+        raise InvalidInputError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     if weights in ("int8", "int4") and block_size not in BLOCK_SIZES:
-        raise ValueError(
+        raise InvalidInputError(
             f"--block-size {block_size} is not supported by MatMulNBits for {weights}: use one of "
             f"{', '.join(map(str, BLOCK_SIZES))} (a power of two, at least 16)"
         )
@@ -47,7 +49,7 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
             MatMulNBitsQuantizer,
         )
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"int{bits} export needs ONNX Runtime's quantizer and the 'onnx-ir' package: pip install onnx-ir ({err})"
         ) from err
     finally:  # its module calls logging.basicConfig(level=INFO) on import: give the root logger back

@@ -74,8 +74,65 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tiny_folder, tmp_path, ar
     result = run("compress", str(tiny_folder), "--out", str(out), "--calib", str(DATA / "wiki.valid.tokens"),
                  "--calib-samples", "2", "--seqlen", "64", *args)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no output, no staging folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--param-ratio", "1.5"], "param_ratio must lie in (0, 1], got 1.5"),
+    (["--ranks", "MISSING"], "--ranks file not found"),
+    (["--ranks", "NOT_JSON"], "is not a JSON {module_name: rank} map"),
+])
+def test_intentional_error_is_one_line_and_status_2(tmp_path, capsys, args, message):
+    from asvd_passes.cli import main
+
+    (tmp_path / "bad.json").write_text("{not json")
+    args = [{"MISSING": str(tmp_path / "nope.json"), "NOT_JSON": str(tmp_path / "bad.json")}.get(a, a) for a in args]
+    assert main(["compress", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asvd: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("CUDA out of memory"), ValueError("too many values to unpack")])
+def test_unexpected_failure_propagates_with_its_traceback(tmp_path, monkeypatch, failure):
+    """Out of memory or a bug is not turned into one line: the exception (and its traceback) reaches the user."""
+    import asvd_passes.compressor
+    from asvd_passes.cli import main
+
+    def broken(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(asvd_passes.compressor.ASVDCompressor, "from_pretrained", broken)
+    with pytest.raises(type(failure), match=str(failure)) as caught:
+        main(["compress", "--out", str(tmp_path / "out"), "--kv-ratio", "0.5"])
+    assert caught.traceback[-1].name == "broken"  # the traceback reaches the line that failed
+
+
+def test_optimum_cli_compress_reports_an_intentional_error_as_one_line(tmp_path, capsys):
+    import argparse
+
+    from optimum.commands.register.asvd_passes import ASVDCompressCommand
+
+    parser = argparse.ArgumentParser()
+    ASVDCompressCommand.parse_args(parser)
+    command = ASVDCompressCommand.__new__(ASVDCompressCommand)  # what optimum-cli builds, without its parser tree
+    command.args = parser.parse_args(["--out", str(tmp_path / "out"), "--param-ratio", "1.5"])
+    with pytest.raises(SystemExit) as exited:
+        command.run()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "asvd: error: param_ratio must lie in (0, 1], got 1.5\n"
+
+
+def test_unexpected_failure_prints_a_traceback_from_the_command(tmp_path):
+    code = ("import sys, asvd_passes.compressor as c\n"
+            "def broken(*a, **k):\n    raise RuntimeError('CUDA out of memory')\n"
+            "c.ASVDCompressor.from_pretrained = broken\n"
+            "from asvd_passes.cli import main\n"
+            f"sys.exit(main(['compress', '--out', {str(tmp_path / 'out')!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1  # Python's own handler, not the tool's one-line exit 2
+    assert "Traceback (most recent call last)" in result.stderr and "in broken" in result.stderr
+    assert "RuntimeError: CUDA out of memory" in result.stderr and "asvd: error:" not in result.stderr
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path):
@@ -94,6 +151,26 @@ def test_optimum_cli_plugin_exposes_compress():
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--out", "--method", "--param-ratio", "--calib", "--allocation"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, kwargs, param_ratio, weights",
+    [
+        ([], {}, 0.9, True),  # nothing asked for: weights at the default ratio
+        (["--kv-ratio", "0.5"], dict(kv_ratio=0.5), None, False),  # a KV ratio alone: K/V only, weights dense
+        (["--kv-ratio", "0.5", "--param-ratio", "0.8"], dict(kv_ratio=0.5, param_ratio=0.8), 0.8, True),
+        (["--allocation", "strs", "--ppl-target", "40"], dict(allocation="strs", ppl_target=40.0), None, True),
+    ],
+)
+def test_cli_and_python_share_one_param_ratio_rule(argv, kwargs, param_ratio, weights):
+    from asvd_passes import ASVDConfig
+    from asvd_passes.cli import build_parser, compress_config
+
+    cli = compress_config(build_parser().parse_args(["compress", "--out", "unused", *argv]))
+    python = ASVDConfig(calibration="selfgen", **kwargs)  # the CLI's --calib default
+    assert python.param_ratio == cli.param_ratio == param_ratio
+    assert python.compresses_weights == cli.compresses_weights == weights
+    assert python.to_dict() == cli.to_dict()
 
 
 def test_kv_compress_then_inspect_json(tiny_folder, tmp_path):

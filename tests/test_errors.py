@@ -58,8 +58,22 @@ def test_filter_narrows_selection(tiny_model, tokens):
     assert set(report.ranks) == {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"}
 
 
-def test_no_projections_error_is_a_value_error():
-    assert issubclass(ap.NoProjectionsError, ValueError)
+def test_no_projections_is_reported_as_one_clear_line_and_caught_as_value_error(capsys):
+    from asvd_passes.cli import run_reporting_errors
+
+    def compress(args):
+        ap.ASVDCompressor(NoProjections()).compress(
+            ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.5), calibration=torch.zeros(1, 4, dtype=torch.long), progress=False
+        )
+
+    assert run_reporting_errors(compress, None) == 2
+    assert capsys.readouterr().err == "asvd: error: NoProjections has no linear projections to compress\n"
+    try:  # code written against the built-in class still catches it
+        compress(None)
+    except ValueError as err:
+        assert "no linear projections" in str(err)
+    else:
+        pytest.fail("no error raised")
 
 
 @pytest.mark.parametrize("ratio", [0, 1.5])
@@ -73,7 +87,6 @@ def test_bad_param_ratio(ratio):
     [
         (dict(method="pca"), "Unknown method"),
         (dict(asvd_statistic="median"), "Unknown asvd_statistic"),
-        (dict(param_ratio=None), "param_ratio in"),
         (dict(alpha=-1.0), "alpha must be"),
         (dict(calib_samples=0), "calib_samples"),
         (dict(seqlen=1), "seqlen"),
@@ -82,6 +95,13 @@ def test_bad_param_ratio(ratio):
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ap.ASVDConfig(**kwargs)
+
+
+def test_config_with_nothing_to_compress_is_an_error():
+    config = ap.ASVDConfig(method="svd", allocation="uniform", kv_ratio=0.5)  # K/V only; weights dense
+    config.kv_ratio = None  # now nothing at all is asked for
+    with pytest.raises(ValueError, match="Give a param_ratio in"):
+        config.validate()
 
 
 def test_config_mutated_after_construction_is_revalidated(tiny_model, tokens):

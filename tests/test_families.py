@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
 
 import asvd_passes as ap
 from asvd_passes.families import UnsupportedModelError, decoder_blocks, family_of
-from asvd_passes.kv import LatentCache, LatentKVAttention, find_attention_layers
+from asvd_passes.kv import LatentKVAttention, find_attention_layers
 
 from conftest import SLIDING_WINDOW, VOCAB, make_tiny_model, tiny_config
 
@@ -125,7 +126,7 @@ def test_issue_gemma2_full_rank_latent_reloads_exactly(tokens, tmp_path):
     with torch.no_grad():
         expected = dense(input_ids=ids).logits
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
-        out = loaded(input_ids=ids[:, :8], past_key_values=LatentCache(config=loaded.config), use_cache=True)
+        out = loaded(input_ids=ids[:, :8], past_key_values=DynamicCache(config=loaded.config), use_cache=True)
         steps = [out.logits]
         for t in range(8, 24):
             out = loaded(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)

@@ -202,3 +202,13 @@ def test_save_dir_that_is_a_file(tiny_model, tokens, tmp_path):
         compress(tiny_model("llama"), tokens(2, 16), target)
     assert target.read_text() == "a file"
     assert leftovers(tmp_path) == []
+
+
+def test_optimum_quantize_entry_point_saves_like_compress(tiny_model, tokens, tmp_path):
+    model = tiny_model("llama")
+    config = ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.6)
+    report = ap.ASVDCompressor(model).quantize(tmp_path / "out", config=config, calibration=tokens(2, 16), progress=False)
+    assert report.selected_ratio <= 0.6
+    assert torch.equal(logits(load(tmp_path / "out"), tokens(1, 8, seed=2)), logits(model, tokens(1, 8, seed=2)))
+    with pytest.raises(TypeError, match="file_prefix"):  # a whole folder is written: no prefix is silently ignored
+        ap.ASVDCompressor(tiny_model("llama")).quantize(tmp_path / "other", file_prefix="x", config=config)

@@ -10,10 +10,7 @@ from .fisher import fisher_plan, loss_cost_curve
 from .sensitivity import output_fisher
 from .strs import DEFAULT_CANDIDATES, measure_sensitivities, strs_plan
 
-ALLOCATIONS = ("uniform", "strs", "fisher")
-
 __all__ = [
-    "ALLOCATIONS",
     "DEFAULT_CANDIDATES",
     "fisher_plan",
     "greedy_plan",

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
 from ..families import decoder_blocks
 
 
@@ -26,7 +27,7 @@ def block_index(model: nn.Module, module_name: str) -> int:
     rest = module_name[len(prefix) + 1 :] if module_name.startswith(prefix + ".") else ""
     head = rest.split(".")[0]
     if not head.isdigit():
-        raise ValueError(f"{module_name} is not inside a decoder block")
+        raise InvalidInputError(f"{module_name} is not inside a decoder block")
     return int(head)
 
 

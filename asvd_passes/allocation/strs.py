@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InvalidInputError
 from ..ranks import ProjectionShape, RankPlan
 from .block_cache import BlockReplay, block_index
 
@@ -117,7 +118,7 @@ def strs_plan(
     values = sorted({ppl for probes in sensitivities.values() for ppl in probes.values()})
     low, high = 0, len(values) - 1
     if _plan_at(shapes, sensitivities, values[high], multiple).ratio > ratio:
-        raise ValueError(
+        raise InvalidInputError(
             f"param_ratio {ratio} is below what the STRS candidates can reach "
             f"({_plan_at(shapes, sensitivities, values[high], multiple).ratio:.3f}); add smaller candidate ratios"
         )

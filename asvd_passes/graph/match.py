@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..errors import InvalidInputError
+
 aten = torch.ops.aten
 LINEAR_TARGETS = {aten.linear.default}
 # (op, index of the input operand, index of the weight operand); weight laid out in × out.
@@ -105,7 +107,7 @@ def find_projections(gm: fx.GraphModule, model: nn.Module) -> list[Projection]:
             continue  # a matmul with some other tensor inside a bigger module: not a projection
         out_features, in_features = weight.shape[::-1] if transposed else weight.shape
         if name in found:
-            raise ValueError(f"Module {name} is called more than once in the graph; cannot rewrite it")
+            raise InvalidInputError(f"Module {name} is called more than once in the graph; cannot rewrite it")
         found[name] = Projection(name, node, _strip_reshapes(x), in_features, out_features, transposed)
     return list(found.values())
 

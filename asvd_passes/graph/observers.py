@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
+
 STATISTICS = ("abs_mean", "abs_max", "gram")
 
 
-class NonFiniteActivationError(ValueError):
+class NonFiniteActivationError(InvalidInputError):
     """Calibration produced NaN or Inf in a projection input."""
 
 
@@ -64,7 +66,7 @@ class InputStatistics(nn.Module):
 
     def abs_mean(self) -> torch.Tensor:
         if self.count == 0:
-            raise ValueError(f"No calibration data reached {', '.join(self.consumers)}")
+            raise InvalidInputError(f"No calibration data reached {', '.join(self.consumers)}")
         return self.abs_sum / self.count
 
 

@@ -3,6 +3,10 @@
 * :class:`InsertObserversPass` adds one :class:`InputStatistics` per distinct projection input.
 * :class:`RemoveObserversPass` takes them out again.
 * :class:`LowRankRewritePass` replaces matched projection nodes by calls to ``LowRankLinear``.
+
+Both pipelines use the observer passes for calibration and swap modules into the model for the
+rewrite; the sequential pipeline also runs each block's graph rewritten by :class:`LowRankRewritePass`
+to feed the next block.
 """
 
 from __future__ import annotations

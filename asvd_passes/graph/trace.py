@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..errors import ASVDError
 
-class TraceError(RuntimeError):
+
+class TraceError(ASVDError, RuntimeError):
     """torch.export could not capture the model."""
 
 

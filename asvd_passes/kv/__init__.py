@@ -1,6 +1,6 @@
 """Latent KV cache: K/V projections factored so the cache keeps only their low-rank latents."""
 
-from .cache import LatentCache, cache_nbytes
+from .cache import cache_nbytes
 from .layout import AttentionLayout, find_attention_layers
 from .modules import LatentKVAttention, LatentProjection
 from .plan import KVPlan, greedy_kv_plan, resolve_group_size, uniform_kv_plan
@@ -9,7 +9,6 @@ from .rewrite import apply_kv_plan, expected_kv_shapes, group_svds, replace_with
 __all__ = [
     "AttentionLayout",
     "KVPlan",
-    "LatentCache",
     "LatentKVAttention",
     "LatentProjection",
     "apply_kv_plan",

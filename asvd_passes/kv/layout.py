@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
 from ..families import Family, check_latent_support, attention_modules
 from ..modules import projection_shape
 
@@ -56,7 +57,7 @@ class AttentionLayout:
 
     def groups(self, group_size: int) -> int:
         if group_size < 1 or self.kv_heads % group_size:
-            raise ValueError(
+            raise InvalidInputError(
                 f"kv group size {group_size} must divide the {self.kv_heads} KV heads of {self.name}"
             )
         return self.kv_heads // group_size
@@ -74,12 +75,12 @@ def find_attention_layers(model: nn.Module, purpose: str = "A latent KV cache") 
     layouts = []
     for layer_idx, (name, module) in enumerate(attention_modules(model, family)):
         if isinstance(module, LatentKVAttention):
-            raise ValueError("This model already has a latent KV cache; compress the original model instead")
+            raise InvalidInputError("This model already has a latent KV cache; compress the original model instead")
         heads, kv_heads, head_dim = family.head_geometry(module, config)
         if family.fused:
             outputs, hidden = projection_shape(getattr(module, family.fused))
             if outputs != (heads + 2 * kv_heads) * head_dim:
-                raise ValueError(f"{name}.{family.fused} has {outputs} outputs, not Q+K+V of the declared heads")
+                raise InvalidInputError(f"{name}.{family.fused} has {outputs} outputs, not Q+K+V of the declared heads")
         else:
             hidden = projection_shape(module.k_proj)[1]  # a weight-compressed k_proj is a LowRankLinear
         layouts.append(AttentionLayout(name, int(getattr(module, "layer_idx", None) or layer_idx), heads, kv_heads,

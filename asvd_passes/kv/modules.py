@@ -17,6 +17,7 @@ import sys
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
 from .layout import AttentionLayout
 
 

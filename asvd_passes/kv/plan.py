@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..allocation.budget import _lower_hull
+from ..errors import InvalidInputError
 from .layout import AttentionLayout
 
 ROLES = ("key", "value")
@@ -57,7 +58,7 @@ def resolve_group_size(layouts: list[AttentionLayout], group_size: int | None) -
     if group_size is None:
         sizes = {layout.kv_heads for layout in layouts}
         if len(sizes) != 1:
-            raise ValueError(f"layers have different KV head counts {sorted(sizes)}; give kv_group_size")
+            raise InvalidInputError(f"layers have different KV head counts {sorted(sizes)}; give kv_group_size")
         return sizes.pop()
     for layout in layouts:
         layout.groups(group_size)
@@ -81,7 +82,7 @@ def uniform_kv_plan(layouts: list[AttentionLayout], ratio: float, group_size: in
 
 def check_ratio(ratio: float) -> None:
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"kv_ratio must lie in (0, 1], got {ratio}")
+        raise InvalidInputError(f"kv_ratio must lie in (0, 1], got {ratio}")
 
 
 def greedy_kv_plan(

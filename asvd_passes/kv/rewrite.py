@@ -17,6 +17,7 @@ from .layout import AttentionLayout
 from .metrics import head_metrics, root_and_inverse
 from .modules import KeyPositionEmbeddings, LatentKVAttention, LatentProjection
 from .plan import ROLES, KVPlan
+from ..errors import InvalidInputError
 
 GroupKey = tuple[str, str, int]  # (attention name, role, group)
 
@@ -112,7 +113,7 @@ def replace_with_empty_latent(model: nn.Module, layouts: list[AttentionLayout], 
     by_name = {layout.name: layout for layout in layouts}
     unknown = [name for name in plan.ranks if name not in by_name]
     if unknown:
-        raise ValueError(f"The saved KV plan names attention {unknown[0]!r}, which this model does not have")
+        raise InvalidInputError(f"The saved KV plan names attention {unknown[0]!r}, which this model does not have")
 
     def built():
         for name, roles in plan.ranks.items():
@@ -134,7 +135,7 @@ def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: K
     for name, roles in plan.ranks.items():
         layout = by_name.get(name)
         if layout is None:
-            raise ValueError(f"The saved KV plan names attention {name!r}, which this model does not have")
+            raise InvalidInputError(f"The saved KV plan names attention {name!r}, which this model does not have")
         source = model.get_submodule(layout.source("key"))
         has_bias = getattr(source, "bias", None) is not None
         width = plan.group_size * layout.head_dim

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
+
 GIB = 1024**3
 WHOLE_PATH_BYTES_PER_PARAM = 30  # float64 Gram + scaled copy + U, Σ, Vᵀ per projection
 RUNTIME_OVERHEAD = 0.6 * GIB  # Python, torch, transformers, tokenizer
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(InvalidInputError):
     """The memory budget cannot hold what one step of the compression needs."""
 
 
@@ -27,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+        raise InvalidInputError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -123,7 +125,7 @@ def empty_model(folder) -> nn.Module:
 
     config = AutoConfig.from_pretrained(str(folder))
     if getattr(config, "quantization_config", None) is not None:
-        raise ValueError(f"{folder} is already compressed (quantization_config in config.json); compress the original model")
+        raise InvalidInputError(f"{folder} is already compressed (quantization_config in config.json); compress the original model")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     return model.eval()

@@ -9,6 +9,7 @@ import torch
 from .. import kv
 from ..config import ASVDConfig
 from ..data import SELFGEN
+from ..errors import InvalidInputError
 from ..report import build_report, model_params, quantization_config
 from ..serialization import atomic_directory
 from .blocks import block_prefix
@@ -35,7 +36,7 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     prefix = block_prefix(model)
     check_budget(estimate(model, model.get_submodule(prefix), config.calib_samples, config.seqlen), config.max_memory)
     if any(type(m).__name__ in ("LowRankLinear", "LatentKVAttention") for m in model.modules()):
-        raise ValueError("This model is already ASVD-compressed; compress the original model instead")
+        raise InvalidInputError("This model is already ASVD-compressed; compress the original model instead")
     # Attention the family table does not cover is refused before any work.
     layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)") if config.kv_ratio is not None else None
     storage_dtype = next(model.parameters()).dtype

@@ -37,6 +37,7 @@ from ..allocation.budget import greedy_plan
 from ..allocation.fisher import loss_cost_curve
 from ..config import ASVDConfig
 from ..decompose import ScaledSVD
+from ..errors import InvalidInputError
 from ..graph import InsertObserversPass, LowRankRewritePass, RemoveObserversPass, find_projections, group_by_input
 from ..graph.observers import PairedInputStatistics
 from ..modules import LowRankLinear, projection_weight, replace_module
@@ -47,7 +48,7 @@ from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
 
 
-class SequentialPipelineError(ValueError):
+class SequentialPipelineError(InvalidInputError):
     """The configuration asks for something the sequential pipeline does not do."""
 
 
@@ -145,7 +146,7 @@ class SequentialPipeline:
         by_name = {p.name: p for p in found}
         missing = [name for name in kv_sources if name not in by_name]
         if missing:
-            raise ValueError(f"K/V projections {missing[:3]} were not found in the traced block graph")
+            raise InvalidInputError(f"K/V projections {missing[:3]} were not found in the traced block graph")
         selected = []
         if self.config.compresses_weights:
             selected = [

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError, MissingFileError
+
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -75,7 +77,7 @@ class ShardedWeights:
         else:
             single = self.folder / "model.safetensors"
             if not single.is_file():
-                raise FileNotFoundError(f"{self.folder} holds no safetensors checkpoint (model.safetensors or {INDEX_FILE})")
+                raise MissingFileError(f"{self.folder} holds no safetensors checkpoint (model.safetensors or {INDEX_FILE})")
             with safe_open(str(single), framework="pt") as handle:
                 weight_map = {key: single.name for key in handle.keys()}
         self.weight_map: dict[str, str] = weight_map
@@ -113,7 +115,7 @@ class ShardedWeights:
                 set_module_tensor_to_device(module, name, self.device, value=buffer)
         missing = [name for name, tensor in _module_tensors(module) if tensor.device.type == "meta"]
         if missing:
-            raise ValueError(f"{self.folder}: the checkpoint has no tensor for {prefix + '.' if prefix else ''}{missing[0]}")
+            raise InvalidInputError(f"{self.folder}: the checkpoint has no tensor for {prefix + '.' if prefix else ''}{missing[0]}")
 
     def prepare_rest(self, blocks_prefix: str) -> None:
         """Materialise everything outside the decoder blocks (embeddings, final norm, LM head)."""
@@ -132,7 +134,7 @@ class ShardedWeights:
         blocks = self.model.get_submodule(blocks_prefix)
         for name, tensor in _module_tensors(self.model):
             if tensor.device.type == "meta" and not name.startswith(blocks_prefix + "."):
-                raise ValueError(f"{self.folder}: the checkpoint has no tensor for {name}")
+                raise InvalidInputError(f"{self.folder}: the checkpoint has no tensor for {name}")
         del blocks
 
     def load(self, prefix: str, block: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from ..allocation.fisher import loss_cost_curve
 from ..allocation.strs import load_or_measure, model_fingerprint, sensitivity_key
 from ..config import ASVDConfig
 from ..decompose import ScaledSVD
+from ..errors import InvalidInputError
 from ..graph import (
     InsertObserversPass,
     RemoveObserversPass,
@@ -34,7 +35,7 @@ from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
 from ..scaling import shared_scalings
 
 
-class NoProjectionsError(ValueError):
+class NoProjectionsError(InvalidInputError):
     """The model has no linear projection that could be compressed."""
 
 

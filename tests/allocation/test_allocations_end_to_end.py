@@ -14,7 +14,7 @@ def test_allocation_meets_exact_budget(allocation, ratio, tiny_model, tokens, tm
     model = tiny_model("llama")
     config = ap.ASVDConfig(method="whiten", allocation=allocation, param_ratio=ratio, sensitivity_samples=2,
                            strs_candidates=(0.2, 0.4, 0.6, 0.8))
-    report = model_report = ap.ASVDCompressor(model).compress(config, calibration=tokens(4, 32), save_dir=tmp_path / "out", progress=False)
+    report = ap.ASVDCompressor(model).compress(config, calibration=tokens(4, 32), save_dir=tmp_path / "out", progress=False)
     assert report.allocation == allocation
     assert report.selected_ratio <= ratio + 1e-9
     # Within one rank step of one projection of the requested budget (largest in+out here is 32+64).
@@ -25,7 +25,22 @@ def test_allocation_meets_exact_budget(allocation, ratio, tiny_model, tokens, tm
     ids = tokens(2, 16, seed=4)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
-    assert model_report.ranks == report.ranks
+    # The report's counts, recounted from the reloaded model's modules and a fresh dense copy.
+    dense = tiny_model("llama")
+    before = after = 0
+    for name, rank in report.ranks.items():
+        module, original = reloaded.get_submodule(name), dense.get_submodule(name)
+        before += original.weight.numel()
+        if rank is None:
+            assert isinstance(module, torch.nn.Linear)
+            after += module.weight.numel()
+        else:
+            assert isinstance(module, ap.LowRankLinear) and module.down.weight.shape[0] == rank
+            after += module.down.weight.numel() + module.up.weight.numel()
+    assert (report.selected_params_before, report.selected_params_after) == (before, after)
+    assert report.selected_ratio == after / before
+    assert report.model_params_before == sum(p.numel() for p in dense.parameters())
+    assert report.model_params_after == sum(p.numel() for p in reloaded.parameters())
 
 
 def test_fisher_beats_uniform_on_calibration_loss(tiny_model, tokens):

@@ -172,3 +172,37 @@ def test_weight_only_compressed_model_exports_with_dense_cache(family, tiny_mode
     ids = tokens(2, 10, seed=1)
     got, _ = ort_steps(ORTCausalLM(tmp_path / "weights-only", threads=1), ids, 4)
     assert np.abs(got - torch_steps(model, ids, 4)).max() <= 1e-4
+
+
+def test_failed_export_gives_the_callers_model_back_unchanged(tokens, tmp_path, monkeypatch):
+    """A failure half-way (model already cast to fp16, eager attention, eval mode) restores the model exactly."""
+    model = compressed("llama", tokens, param_ratio=0.8, kv_ratio=0.5)
+    ids = tokens(2, 9, seed=5)
+    with torch.no_grad():
+        before = model(ids).logits
+    types = [(name, type(module)) for name, module in model.named_modules()]
+    tensors = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    attention = model.config._attn_implementation
+    model.train()  # a mode the export changes
+    seen = {}
+
+    def failing_export(wrapper, *args, **kwargs):
+        seen.update(dtype=next(wrapper.parameters()).dtype, attention=model.config._attn_implementation,
+                    training=model.training)
+        raise RuntimeError("export failed half-way")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(RuntimeError, match="half-way"):
+        export_onnx(model, tmp_path / "out", dtype="fp16")
+    assert seen == {"dtype": torch.float16, "attention": "eager", "training": False}  # it did fail mid-export
+    assert not (tmp_path / "out").exists()
+    assert [(name, type(module)) for name, module in model.named_modules()] == types
+    assert model.config._attn_implementation == attention != "eager"
+    assert all(module.training for module in model.modules())
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert after[name] is tensor and after[name].dtype == torch.float32, name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

@@ -135,12 +135,15 @@ def test_fp16_weights_run_in_ort_and_genai(compressed_llama, tmp_path, tokens):
     from exporters import GenAICausalLM
 
     pytest.importorskip("onnxruntime_genai")
-    model = __import__("copy").deepcopy(compressed_llama)  # export casts the model it is given
-    meta = export_onnx(model, tmp_path / "fp16", layout="genai", weights="fp16")
-    assert meta.dtype == "fp16" and meta.weights == "fp16"
     ids = tokens(1, 10, seed=4)
     with torch.no_grad():
         expected = compressed_llama(ids).logits.numpy()
+    meta = export_onnx(compressed_llama, tmp_path / "fp16", layout="genai", weights="fp16")
+    assert meta.dtype == "fp16" and meta.weights == "fp16"
+    # The fp16 export casts the model only while it runs: the caller's fp32 model comes back exactly.
+    assert all(p.dtype == torch.float32 for p in compressed_llama.parameters())
+    with torch.no_grad():
+        assert np.array_equal(compressed_llama(ids).logits.numpy(), expected)
     runtime = ORTCausalLM(tmp_path / "fp16", threads=1)
     assert np.abs(runtime.logits(ids.numpy()).astype(np.float32) - expected).max() < 5e-3
     prompt = ids[:, :5].numpy()

@@ -38,8 +38,9 @@ def test_weight_and_kv_compression_compose_and_reload(family, tiny_model, tokens
 
 
 def test_kv_only_leaves_other_projections_dense(tiny_model, tokens, tmp_path):
+    """A KV ratio alone (no param_ratio given) compresses K/V only, as ``asvd compress --kv-ratio`` does."""
     model = tiny_model("qwen2")
-    report = compress(model, tokens, tmp_path / "out", param_ratio=None, kv_ratio=0.5)
+    report = compress(model, tokens, tmp_path / "out", kv_ratio=0.5)
     assert report.ranks == {} and report.selected_ratio == 1.0
     assert not any(isinstance(m, ap.LowRankLinear) for m in model.modules())
     assert (tmp_path / "out" / "asvd_report.json").is_file() and not (tmp_path / "out" / "ranks.png").exists()

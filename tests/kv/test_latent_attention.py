@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import asvd_passes as ap
-from asvd_passes.kv import LatentCache, LatentKVAttention, cache_nbytes
+from asvd_passes.kv import LatentKVAttention, cache_nbytes
 
 CALIB = dict(seqlen=16, calib_samples=4)
 
@@ -38,7 +38,7 @@ def test_full_rank_latent_reproduces_dense(family, group_size, tiny_model, token
     assert any(isinstance(m, LatentKVAttention) for m in model.modules())
     ids = tokens(2, 24, seed=1)
     expected, _ = prefill_and_decode(dense, ids, prefill=8)
-    got, cache = prefill_and_decode(model, ids, prefill=8, cache=LatentCache(config=model.config))  # 16 decode steps
+    got, cache = prefill_and_decode(model, ids, prefill=8)  # 16 decode steps, the model's own DynamicCache
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     # The cache held latents only: (batch, 1, tokens, width) per layer; a sliding layer the last window - 1.
     windows = 0
@@ -140,12 +140,6 @@ def test_half_precision_latent_cache(family, dtype, tiny_model, tokens):
     expected, _ = prefill_and_decode(reference, ids, prefill=6)
     assert got.dtype == dtype and all(layer.keys.dtype == dtype for layer in cache.layers)
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=0.1)
-
-
-def test_latent_cache_refuses_full_width_states():
-    cache = LatentCache()
-    with pytest.raises(ValueError, match="latents"):
-        cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
 
 
 @pytest.mark.parametrize("group_size", [None, 1])

@@ -13,9 +13,13 @@ class ASVDCompressCommand(BaseOptimumCLICommand):
         add_compress_arguments(parser)
 
     def run(self):
-        from asvd_passes.cli import run_compress
+        import sys
 
-        return run_compress(self.args)
+        from asvd_passes.cli import run_compress, run_reporting_errors
+
+        status = run_reporting_errors(run_compress, self.args)
+        if status:
+            sys.exit(status)  # optimum-cli ignores run()'s return value
 
 
 class ASVDCommand(BaseOptimumCLICommand):
