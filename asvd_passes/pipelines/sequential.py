@@ -308,7 +308,6 @@ class SequentialPipeline:
     def _head_gradients(self, last_hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """∂(summed token loss)/∂(last block output) per sensitivity window; blocks are bypassed."""
         grads = []
-        layers = self.layers
         # Only the hidden state needs a gradient: no weight gradients (the LM head's alone is vocab × hidden).
         flags = {p: p.requires_grad for p in self.model.parameters()}
         for p in flags:

@@ -145,7 +145,9 @@ class ShardedWeights:
         """Parameters go back to the meta device; buffers (not in the checkpoint) stay for the next load."""
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, _ in list(block.named_parameters()):
+        for name, parameter in list(block.named_parameters()):
+            # Free the storage itself: any reference left elsewhere (a captured graph) then holds nothing.
+            parameter.untyped_storage().resize_(0)
             set_module_tensor_to_device(block, name, "meta")
 
     def finish(self) -> None:

@@ -1,0 +1,46 @@
+"""The ``auto`` pipeline rule and the memory estimates it reads."""
+
+from __future__ import annotations
+
+from asvd_passes import ASVDCompressor, ASVDConfig
+from asvd_passes.allocation.block_cache import decoder_layers
+from asvd_passes.pipelines.memory import GIB, estimate
+
+
+def _choice(model, **options):
+    return ASVDCompressor(model).choose_pipeline(ASVDConfig(seqlen=16, calib_samples=4, **options))
+
+
+def test_auto_takes_the_whole_path_when_it_fits_and_the_sequential_one_when_it_does_not(tiny_model):
+    model = tiny_model("llama")
+    needed = estimate(model, decoder_layers(model), 4, 16)
+    assert needed.one_block < needed.whole_path
+    assert _choice(model, param_ratio=0.8, max_memory=needed.whole_path * 2 / GIB)[0] == "whole"
+    between = (needed.one_block + needed.whole_path) / 2 / GIB
+    pipeline, reason = _choice(model, param_ratio=0.8, max_memory=between)
+    assert pipeline == "sequential" and "whole-model path" in reason
+
+
+def test_auto_keeps_strs_and_the_lm_head_on_the_whole_path(tiny_model):
+    model = tiny_model("llama")
+    tight = estimate(model, decoder_layers(model), 4, 16).one_block * 1.01 / GIB
+    assert _choice(model, param_ratio=0.8, allocation="strs", max_memory=tight)[0] == "whole"
+    assert _choice(model, param_ratio=0.8, include_lm_head=True, max_memory=tight)[0] == "whole"
+    assert _choice(model, param_ratio=0.8, pipeline="sequential")[1] == "asked for"
+
+
+def test_sequential_estimate_does_not_grow_with_depth(tiny_model):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    estimates = []
+    for layers in (2, 8):
+        config = tiny_config("llama")
+        config.num_hidden_layers = layers
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        estimates.append(estimate(model, decoder_layers(model), 4, 16))
+    assert estimates[1].one_block == estimates[0].one_block
+    assert estimates[1].whole_path > estimates[0].whole_path
