@@ -147,7 +147,10 @@ class ShardedWeights:
 
         for name, parameter in list(block.named_parameters()):
             # Free the storage itself: any reference left elsewhere (a captured graph) then holds nothing.
-            parameter.untyped_storage().resize_(0)
+            try:
+                parameter.untyped_storage().resize_(0)
+            except RuntimeError:
+                pass  # a file-backed (mmapped) tensor read as stored: the page cache holds it, not us
             set_module_tensor_to_device(block, name, "meta")
 
     def finish(self) -> None:
