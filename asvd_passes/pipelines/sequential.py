@@ -48,6 +48,16 @@ from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them, so RSS would creep up block after block)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to trim
+
+
 class SequentialPipelineError(InvalidInputError):
     """The configuration asks for something the sequential pipeline does not do."""
 
@@ -119,6 +129,7 @@ class SequentialPipeline:
         # Captured graphs hold the block's tensors inside reference cycles (graph <-> nodes <-> module);
         # without a collection they outlive the block, and memory grows with the depth.
         gc.collect()
+        _return_freed_memory()
 
     def _feed(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.compute_dtype)
