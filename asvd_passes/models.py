@@ -60,14 +60,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model.to(dtype), tokenizer
 
 
-def embedded_model_dir() -> Path:
-    """A safetensors copy of the embedded model, converted on first use (atomically)."""
-    target = cache_dir() / EMBEDDED_MODEL_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+def _convert_gguf_once(path: Path, target: Path) -> Path:
+    """Write ``path`` dequantized as a safetensors folder at ``target`` (atomically), unless it is there."""
+    weights = (target / "model.safetensors").is_file() or (target / "model.safetensors.index.json").is_file()
+    if (target / "config.json").is_file() and weights:
         return target
-    model, tokenizer = _load_gguf(embedded_gguf_path(), torch.float32)
+    model, tokenizer = _load_gguf(path, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -80,23 +80,15 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def embedded_model_dir() -> Path:
+    """A safetensors copy of the embedded model, converted on first use (atomically)."""
+    return _convert_gguf_once(embedded_gguf_path(), cache_dir() / EMBEDDED_MODEL_NAME)
+
+
 def _converted_gguf_dir(path: Path) -> Path:
     """A safetensors copy of a ``.gguf`` file, converted once into the cache (keyed by name, size, mtime)."""
     stat = path.stat()
-    target = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file():
-        return target
-    model, tokenizer = _load_gguf(path, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return _convert_gguf_once(path, cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}")
 
 
 def local_model_folder(model: str | os.PathLike | None) -> Path | None:

@@ -145,3 +145,23 @@ def greedy_kv_plan(
             for roles in ([ROLES] if equal_widths else [(r,) for r in ROLES]) for role in roles
         }
     return plan
+
+
+def fisher_kv_costs(layouts: list[AttentionLayout], svds: dict, fisher: dict, statistics: dict, group_size: int) -> dict:
+    """``costs[(name, role, group)]``: the closed-form loss cost of every rank of every K/V group.
+
+    ``fisher`` and ``statistics`` are keyed by source projection; a group reads its rows of both.
+    """
+    from ..allocation.fisher import loss_cost_curve
+
+    by_name = {layout.name: layout for layout in layouts}
+    costs = {}
+    for (name, role, g), svd in svds.items():
+        layout = by_name[name]
+        source = layout.source(role)
+        width = group_size * layout.head_dim
+        rows = fisher[source][layout.rows(role)][g * width : (g + 1) * width]
+        stats = statistics.get(source)
+        gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
+        costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
+    return costs

@@ -302,14 +302,7 @@ class SequentialPipeline:
                 layouts = self._block_layouts(index)
                 if layouts and config.kv_allocation == "fisher":
                     svds = self._kv_svds(layouts, scalings, statistics)
-                    for (name, role, g), svd in svds.items():
-                        layout = next(l for l in layouts if l.name == name)
-                        source = layout.source(role)
-                        width = self.group_size * layout.head_dim
-                        rows = fisher[source][layout.rows(role)][g * width:(g + 1) * width]
-                        stats = statistics.get(source)
-                        gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
-                        kv_costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
+                    kv_costs.update(kv.plan.fisher_kv_costs(layouts, svds, fisher, statistics, self.group_size))
                 del statistics, scalings, inputs
                 self._release(prefix, layer, self._storage_dtype)
         finally:

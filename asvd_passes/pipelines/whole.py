@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .. import kv
 from ..allocation import fisher_plan, measure_sensitivities, output_fisher, strs_plan
-from ..allocation.fisher import loss_cost_curve
 from ..allocation.strs import load_or_measure, model_fingerprint, sensitivity_key
 from ..config import ASVDConfig
 from ..decompose import ScaledSVD
@@ -239,16 +238,8 @@ class WholeModelPipeline:
         layouts, group_size = analysis.kv_layouts, analysis.kv_group_size
         if config.kv_allocation == "uniform":
             return kv.uniform_kv_plan(layouts, config.kv_ratio, group_size, config.rank_multiple)
-        fisher = self._fisher(analysis, config)
-        costs = {}
-        for (name, role, g), svd in analysis.kv_svds.items():
-            layout = next(l for l in layouts if l.name == name)
-            source = layout.source(role)
-            width = group_size * layout.head_dim
-            rows = fisher[source][layout.rows(role)][g * width : (g + 1) * width]
-            stats = analysis.statistics.get(source)
-            gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
-            costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
+        costs = kv.plan.fisher_kv_costs(layouts, analysis.kv_svds, self._fisher(analysis, config),
+                                        analysis.statistics, group_size)
         return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple,
                                  equal_widths=config.kv_equal_widths)
 
