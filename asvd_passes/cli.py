@@ -155,6 +155,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     metadata = export_onnx(None if args.model == "default" else args.model, args.out, opset=args.opset,
                            dtype=args.dtype, device=args.device, fold_value=args.fold_value,
+                           absorb_key=args.absorb_key,
                            layout="genai" if args.genai else "asvd", weights=args.weights, block_size=args.block_size,
                            progress=True)
     weights = metadata.weights + (f" (block {metadata.block_size})" if metadata.block_size else "")
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the export traces on")
     onnx.add_argument("--fold-value", choices=["always", "never"], default="always",
                       help="attend over the V latent then apply V's up (always), or rebuild V (never)")
+    onnx.add_argument("--absorb-key", choices=["always", "never"], default="always",
+                      help="families without RoPE or a K norm (GPT-2, OPT): score queries against the K latent "
+                           "through K's up (always), or rebuild K (never); others always rebuild")
     onnx.set_defaults(run=run_export)
 
     generate = commands.add_parser("generate", help="generate text with ONNX Runtime (ONNX folder) or PyTorch")

@@ -44,7 +44,7 @@ def embedded_gguf_path() -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantize a GGUF checkpoint into a plain (serializable) transformers model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -67,6 +67,7 @@ class ExportMetadata:
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     fold_value: str = "always"
+    absorb_key: str = "never"  # "always": scores on the K latent, no key rebuilt (GPT-2/OPT; "never" where it cannot)
     layout: str = "asvd"  # "asvd": latents (batch, past, r); "genai": packed (batch, 1, past, w) per slot
     packing: dict = field(default_factory=dict)  # genai latent layout: layer -> {"key": r_k, "value": r_v, "width": w}
     weights: str = "fp32"  # fp32 / fp16 / int8 / int4 (MatMulNBits), see exporters.quantize
@@ -181,16 +182,23 @@ def _rope_settings(model: nn.Module) -> dict | None:
 
 
 @contextlib.contextmanager
-def _fold_policy(policy: str, value_up_as_linear: bool = False):
-    """Export-time switches of the latent attention: the V fold policy, and a 2-D V up that quantizers can read."""
+def _attention_policy(fold_value: str, absorb_key: str, value_up_as_linear: bool = False):
+    """Export-time switches of the latent attention: V folding, K absorption, a 2-D V up that quantizers can read.
+
+    The traced graph is one graph for prefill and decode, so ``auto`` (decided per call from the
+    shapes) cannot be exported; each switch is fixed for the whole graph.
+    """
     from asvd_passes.kv import LatentKVAttention
 
-    previous = LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear
-    LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear = policy, value_up_as_linear
+    names = ("fold_policy", "absorb_policy", "value_up_as_linear")
+    previous = [getattr(LatentKVAttention, name) for name in names]
+    for name, value in zip(names, (fold_value, absorb_key, value_up_as_linear)):
+        setattr(LatentKVAttention, name, value)
     try:
         yield
     finally:
-        LatentKVAttention.fold_policy, LatentKVAttention.value_up_as_linear = previous
+        for name, value in zip(names, previous):
+            setattr(LatentKVAttention, name, value)
 
 
 @contextlib.contextmanager
@@ -246,6 +254,7 @@ def export_onnx(
     dtype: str = "fp32",
     device: str = "cpu",
     fold_value: str = "always",
+    absorb_key: str = "always",
     layout: str = "asvd",
     weights: str | None = None,
     block_size: int = 32,
@@ -256,6 +265,9 @@ def export_onnx(
     ``fold_value``: how latent V is read in the exported graph: ``always`` (attend over the V latent,
     then V's up: cheapest for decoding), ``never`` (rebuild V), ``auto`` is not exportable (it
     decides per call from the shapes).
+    ``absorb_key``: for families whose K is used as its ``up`` returns it (no RoPE, no K norm:
+    GPT-2, OPT), ``always`` scores queries against the K latent (the query goes through K's up; no
+    key is rebuilt), ``never`` rebuilds K. Families that cannot absorb rebuild K either way.
     ``layout``: ``asvd`` (latents as (batch, past, r)) or ``genai`` (onnxruntime-genai's 4-D cache,
     ``genai_config.json`` written beside the model; see the module docstring).
     ``weights``: ``fp32``/``fp16`` (the export's float type; default: ``dtype``), or ``int8``/``int4``:
@@ -272,6 +284,8 @@ def export_onnx(
 
     if fold_value not in ("always", "never"):
         raise InvalidInputError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
+    if absorb_key not in ("always", "never"):
+        raise InvalidInputError(f"absorb_key must be 'always' or 'never' for export, got {absorb_key!r}")
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     weights = weights or dtype
@@ -292,10 +306,12 @@ def export_onnx(
     check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
-        return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, layout, weights, block_size, progress)
+        return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, absorb_key, layout, weights,
+                       block_size, progress)
 
 
-def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, layout, weights, block_size, progress) -> ExportMetadata:
+def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_key, layout, weights, block_size,
+            progress) -> ExportMetadata:
     """The export proper, on a model that :func:`_prepared` has set up."""
     import onnx
 
@@ -332,9 +348,10 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, layout, w
         weight_ranks=quant.get("ranks", {}), rope=_rope_settings(model),
         bos_token_id=model.config.bos_token_id, eos_token_id=[eos] if isinstance(eos, int) else eos,
         pad_token_id=model.config.pad_token_id, fold_value=fold_value, layout=layout, packing=packing,
+        absorb_key=absorb_key if any(a.can_absorb_key() for a in _latent_attentions(model)) else "never",
         weights=weights, block_size=block_size if weights in ("int8", "int4") else None,
     )
-    with atomic_directory(out_dir) as staging, _fold_policy(fold_value, weights in ("int8", "int4")), torch.no_grad():
+    with atomic_directory(out_dir) as staging, _attention_policy(fold_value, absorb_key, weights in ("int8", "int4")), torch.no_grad():
         staging = Path(staging)
         _progress(progress, f"tracing and converting to ONNX ({kind} cache, {layout} layout)")
         program = torch.onnx.export(

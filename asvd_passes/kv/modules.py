@@ -17,7 +17,6 @@ import sys
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError
 from .layout import AttentionLayout
 
 
@@ -171,17 +170,21 @@ class LatentKVAttention(nn.Module):
         total = key_latent.shape[1]
         past = total - steps  # what the cache returned besides the new tokens (a sliding window may crop it)
 
-        key = self.k_proj.rebuild(key_latent)
-        if self.family.qk_norm == "projection":  # OLMo 2: the norm spans the whole (rebuilt) projection
-            query, key = self.q_norm(query), self.k_norm(key)
-        query = query.view(batch, steps, -1, self.head_dim)
-        key = key.view(batch, total, -1, self.head_dim)
-        if self.family.qk_norm == "head":
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        if self.absorb_key(steps, total):  # scores on the K latent: the query takes K's up instead
+            query = self._absorbed_query(query.view(batch, steps, -1, self.head_dim).transpose(1, 2))
+            key = self._latent_per_head(self.k_proj, key_latent)
+        else:
+            key = self.k_proj.rebuild(key_latent)
+            if self.family.qk_norm == "projection":  # OLMo 2: the norm spans the whole (rebuilt) projection
+                query, key = self.q_norm(query), self.k_norm(key)
+            query = query.view(batch, steps, -1, self.head_dim)
+            key = key.view(batch, total, -1, self.head_dim)
+            if self.family.qk_norm == "head":
+                query, key = self.q_norm(query), self.k_norm(key)
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
         fold = self.fold_value(steps, total)
         if fold:  # attend over the V latent itself; V's up is applied to the attention output below
-            value = self._value_latent_per_head(value_latent)
+            value = self._latent_per_head(self.v_proj, value_latent)
         else:
             value = self.v_proj.rebuild(value_latent).view(batch, total, -1, self.head_dim).transpose(1, 2)
 
@@ -218,19 +221,63 @@ class LatentKVAttention(nn.Module):
             return False
         if self.fold_policy == "always":
             return True
-        r, heads, kv_width = ranks[0], self.num_heads, self.layout.kv_width
+        r, heads = ranks[0], self.num_heads
         rebuild = total * sum(ranks) * self.v_proj.group_width + heads * steps * total * self.head_dim
         folded = heads * steps * total * r + heads * steps * r * self.head_dim
         return folded < rebuild
 
-    def _value_latent_per_head(self, latent: torch.Tensor) -> torch.Tensor:
+    def _latent_per_head(self, projection: LatentProjection, latent: torch.Tensor) -> torch.Tensor:
         """(batch, total, Σr) → (batch, kv_heads, total, r_g): each KV head sees its group's latent."""
         batch, total, _ = latent.shape
-        groups = len(self.v_proj.ranks)
+        groups = len(projection.ranks)
         per_group = latent.view(batch, total, groups, -1).transpose(1, 2)
-        if groups == 1:  # one latent for all KV heads: a view, no copy of the context
+        if groups == 1 and self.num_key_value_groups == 1:
+            # One latent and one KV head per query head (GPT-2, OPT): keep the single head; matmul and
+            # SDPA broadcast it over the query heads (no attention interface repeats KV heads here), and
+            # an exported graph does not materialise heads × context copies of the latent (an Expand would).
+            return per_group
+        if groups == 1:  # GQA: the interface repeats KV heads, so it must get all of them (a view, no copy)
             return per_group.expand(batch, self.num_key_value_heads, total, per_group.shape[-1])
         return per_group.repeat_interleave(self.num_key_value_heads // groups, dim=1) if groups < self.num_key_value_heads else per_group
+
+    # -- K absorption ----------------------------------------------------------------------------
+    # Without RoPE or a K norm between them (GPT-2, OPT: learned absolute positions), nothing acts
+    # on K after its up, so q·(L·Uᵀ + b)ᵀ = (q·U)·Lᵀ + q·b: scores are computed on the cached latent
+    # L with the query mapped through U once per new token, and no key is rebuilt. q·b is the same
+    # for every key of a query, and softmax ignores a constant shift, so the bias drops out (which
+    # is why a softcap, tanh before the softmax, rules absorption out).
+
+    absorb_policy = "auto"  # "auto": absorb when it needs fewer multiply-adds; "always"; "never"
+
+    def can_absorb_key(self) -> bool:
+        """Exact only where K is used as ``up`` returns it: no rotation, no norm, no softcap; equal group ranks."""
+        return (self.family.positions != "rope" and self.family.qk_norm is None and self.softcap is None
+                and len(set(self.k_proj.ranks)) == 1)
+
+    def absorb_key(self, steps: int, total: int) -> bool:
+        """Whether this call scores queries against the K latent (``always`` still needs :meth:`can_absorb_key`).
+
+        Rebuilding costs total·Σr·kv_width (up) + heads·steps·total·head_dim (QKᵀ); absorbing
+        costs heads·steps·head_dim·r_g (the query through up) + heads·steps·total·r_g (QLᵀ).
+        Decoding (steps = 1) always absorbs; a long prefill absorbs only when r_g < head_dim.
+        """
+        if self.absorb_policy == "never" or not self.can_absorb_key():
+            return False
+        if self.absorb_policy == "always":
+            return True
+        r, heads = self.k_proj.ranks[0], self.num_heads
+        rebuild = total * self.k_proj.latent_width * self.k_proj.group_width + heads * steps * total * self.head_dim
+        absorbed = heads * steps * self.head_dim * r + heads * steps * total * r
+        return absorbed < rebuild
+
+    def _per_head_up(self, projection: LatentProjection) -> torch.Tensor:
+        """(heads, head_dim, r_g): the rows of ``up`` that give each query head's KV head."""
+        up = torch.cat([u.weight for u in projection.ups], dim=0)  # (kv_width, r_g), groups stacked
+        return up.view(self.num_key_value_heads, self.head_dim, -1).repeat_interleave(self.num_key_value_groups, dim=0)
+
+    def _absorbed_query(self, query: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, steps, head_dim) queries → (batch, heads, steps, r_g), to be scored against latents."""
+        return torch.einsum("bhsd,hdr->bhsr", query, self._per_head_up(self.k_proj))
 
     def _value_up(self, output: torch.Tensor) -> torch.Tensor:
         """(batch, steps, heads, r_g) attention over latents → (batch, steps, heads, head_dim) values."""
@@ -238,9 +285,7 @@ class LatentKVAttention(nn.Module):
         bias = torch.cat([u.bias for u in self.v_proj.ups]) if self.v_proj.ups[0].bias is not None else None
         if self.value_up_as_linear:
             return self._value_up_linear(output, up, bias)
-        per_kv_head = up.view(self.num_key_value_heads, self.head_dim, -1)
-        per_head = per_kv_head.repeat_interleave(self.num_key_value_groups, dim=0)  # (heads, head_dim, r_g)
-        result = torch.einsum("bshr,hdr->bshd", output, per_head)
+        result = torch.einsum("bshr,hdr->bshd", output, self._per_head_up(self.v_proj))
         if bias is not None:
             result = result + bias.view(self.num_key_value_heads, self.head_dim).repeat_interleave(
                 self.num_key_value_groups, dim=0)

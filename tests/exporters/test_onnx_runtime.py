@@ -206,3 +206,34 @@ def test_failed_export_gives_the_callers_model_back_unchanged(tokens, tmp_path, 
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_absorbed_key_export_equals_rebuilt_key_export(family, exported, tokens, step_logits, tmp_path):
+    """GPT-2/OPT exports score on the K latent by default; the rebuild-K export gives the same logits."""
+    model, absorbed, folder = exported(family)
+    assert json.loads((folder / METADATA_FILE).read_text())["absorb_key"] == "always"
+    export_onnx(model, tmp_path / "rebuilt", absorb_key="never")
+    rebuilt = ORTCausalLM(tmp_path / "rebuilt", threads=1)
+    assert rebuilt.metadata.absorb_key == "never"
+    ids = tokens(2, 6 + DECODE_STEPS, seed=1)
+    _, ort_steps = step_logits
+    got, _ = ort_steps(absorbed, ids, 6)
+    expected, _ = ort_steps(rebuilt, ids, 6)
+    assert np.abs(got - expected).max() <= 1e-5
+    # Rebuilding K multiplies every cached latent by K's up (a MatMul per layer); absorbing maps the
+    # new queries through it instead (a per-head Einsum per layer, beside V's folded up).
+    def ops(path):
+        counts = {}
+        for node in onnx.load(str(path / MODEL_FILE)).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+    layers = model.config.num_hidden_layers
+    absorbed_ops, rebuilt_ops = ops(folder), ops(tmp_path / "rebuilt")
+    assert absorbed_ops["Einsum"] == rebuilt_ops["Einsum"] + layers
+    assert absorbed_ops["MatMul"] + absorbed_ops.get("Gemm", 0) == rebuilt_ops["MatMul"] + rebuilt_ops.get("Gemm", 0) - layers
+
+
+def test_rope_families_never_record_absorption(exported):
+    _, runtime, _ = exported("llama")
+    assert runtime.metadata.absorb_key == "never"

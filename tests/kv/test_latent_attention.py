@@ -174,3 +174,67 @@ def test_fold_is_chosen_for_decoding_not_for_long_prefill(tiny_model, tokens):
     attention = next(m for m in model.modules() if isinstance(m, LatentKVAttention))
     assert attention.fold_value(steps=1, total=512)
     assert not attention.fold_value(steps=512, total=512)
+
+
+# -- K absorption (families without RoPE or a K norm: GPT-2, OPT) ------------------------------------
+
+ABSORBING = ("gpt2", "opt")
+
+
+def count_key_rebuilds(model, monkeypatch) -> list:
+    """Patch every latent K projection's ``rebuild`` to record its calls (it still rebuilds)."""
+    calls = []
+    for attention in (m for m in model.modules() if isinstance(m, LatentKVAttention)):
+        rebuild = attention.k_proj.rebuild
+        monkeypatch.setattr(attention.k_proj, "rebuild", lambda latent, rebuild=rebuild: calls.append(1) or rebuild(latent))
+    return calls
+
+
+def test_only_families_without_rope_or_key_norm_absorb(family, tiny_model, tokens):
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5)
+    attentions = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
+    assert attentions and all(a.can_absorb_key() == (family in ABSORBING) for a in attentions)
+
+
+@pytest.mark.parametrize("family", ABSORBING)
+@pytest.mark.parametrize("group_size", [None, 1])
+def test_absorbed_key_reproduces_dense_at_full_rank(family, group_size, tiny_model, tokens, monkeypatch):
+    dense, model = tiny_model(family), tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=1.0, kv_group_size=group_size)
+    monkeypatch.setattr(LatentKVAttention, "absorb_policy", "always")
+    rebuilds = count_key_rebuilds(model, monkeypatch)
+    ids = tokens(2, 24, seed=1)
+    expected, _ = prefill_and_decode(dense, ids, prefill=8)
+    got, _ = prefill_and_decode(model, ids, prefill=8)
+    assert not rebuilds  # scores were computed on the K latent: no key was rebuilt, prefill or decode
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ABSORBING)
+@pytest.mark.parametrize("group_size", [None, 1])
+@pytest.mark.parametrize("fold", ["always", "never"])
+def test_absorbing_key_changes_nothing_at_low_rank(family, group_size, fold, tiny_model, tokens, monkeypatch):
+    model = tiny_model(family)
+    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=group_size)
+    monkeypatch.setattr(LatentKVAttention, "fold_policy", fold)
+    ids = tokens(2, 14, seed=8)
+    results = {}
+    for policy in ("never", "always"):
+        monkeypatch.setattr(LatentKVAttention, "absorb_policy", policy)
+        rebuilds = count_key_rebuilds(model, monkeypatch)
+        results[policy], _ = prefill_and_decode(model, ids, prefill=8)
+        assert bool(rebuilds) == (policy == "never")
+    torch.testing.assert_close(results["always"], results["never"], rtol=0, atol=1e-5)
+
+
+def test_absorption_is_chosen_for_decoding_and_by_cost_for_prefill(tiny_model, tokens):
+    model = tiny_model("gpt2")
+    kv_compress(model, tokens, kv_ratio=0.5)  # one head group: the latent is wider than a head
+    attention = next(m for m in model.modules() if isinstance(m, LatentKVAttention))
+    assert attention.k_proj.ranks[0] > attention.head_dim
+    assert attention.absorb_key(steps=1, total=512)
+    assert not attention.absorb_key(steps=512, total=512)
+    llama = tiny_model("llama")
+    kv_compress(llama, tokens, kv_ratio=0.5)
+    assert not next(m for m in llama.modules() if isinstance(m, LatentKVAttention)).absorb_key(steps=1, total=512)
