@@ -324,9 +324,23 @@ class SequentialPipeline:
                 p.requires_grad_(flag)
         return grads
 
+    # Logits elements per head-gradient chunk: the loss's logits, softmax and their gradients are a
+    # few copies of (tokens × vocab) floats, ~0.4 GiB for a 512-token window at a 32k vocab in one go.
+    head_chunk_elements = 2**22
+
     def _head_gradient(self, position: int, h: torch.Tensor) -> torch.Tensor:
+        """∂(Σ token losses)/∂h for one window, over chunks of positions.
+
+        With the blocks bypassed, each token's loss depends on its own position's hidden state only,
+        so the window splits into chunks that overlap by one position (a chunk's last position only
+        feeds the next chunk's first prediction) and the gradients add up to the whole window's.
+        """
         layers = self.layers
-        leaf = h.to(self.device, self._storage_dtype).detach().requires_grad_(True)
+        ids = self.windows[position][None].to(self.device)
+        h = h.to(self.device, self._storage_dtype)
+        grad = torch.zeros_like(h)
+        chunk = max(8, self.head_chunk_elements // int(self.model.config.vocab_size))
+        leaf = None
 
         def make_forward(index):
             def forward(hidden_states, *args, **kwargs):
@@ -334,11 +348,15 @@ class SequentialPipeline:
 
             return forward
 
-        ids = self.windows[position][None].to(self.device)
-        with _patched_forwards(layers, make_forward), torch.enable_grad():
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-            (loss * (ids.shape[1] - 1)).backward()
-        return leaf.grad.detach().cpu()
+        with _patched_forwards(layers, make_forward):
+            for start in range(0, ids.shape[1] - 1, chunk):
+                stop = min(start + chunk, ids.shape[1] - 1) + 1  # predicts tokens start+1 … stop-1
+                leaf = h[:, start:stop].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = self.model(input_ids=ids[:, start:stop], labels=ids[:, start:stop], use_cache=False).loss
+                    (loss * (stop - start - 1)).backward()
+                grad[:, start:stop] += leaf.grad
+        return grad.cpu()
 
     def _block_fisher(self, block, prefix, names, inputs, grads, call):
         """Diagonal Fisher of each named projection's output in one block, and the gradient at its input."""

@@ -117,7 +117,10 @@ def test_sequential_calibration_and_refit_change_the_factors(tiny_model, tokens)
     assert not torch.allclose(factors["refit"][later][1], factors["on"][later][1])
 
 
-def test_blockwise_fisher_equals_whole_model_fisher(family, tiny_model, tokens):
+@pytest.mark.parametrize("head_chunk", ["window", "8 positions"])
+def test_blockwise_fisher_equals_whole_model_fisher(family, head_chunk, tiny_model, tokens, monkeypatch):
+    if head_chunk != "window":  # the head gradient over chunks of 8 positions (2 chunks per 16-token window)
+        monkeypatch.setattr(SequentialPipeline, "head_chunk_elements", 1)
     model = tiny_model(family)
     windows = tokens(3, 16)
     names = [n for n, m in model.named_modules() if n.startswith(_prefix(model)) and isinstance(m, torch.nn.Module)

@@ -1,0 +1,166 @@
+"""Quality of the sequential pipeline against today's whole-model default, on the embedded SmolLM2-135M.
+
+Rows, per parameter ratio (whiten + fisher everywhere, the usual protocol of ``../shared/data/README.md``):
+- ``whole``: the whole-model path (today's default where the model fits), one analysis for all ratios;
+- ``sequential``: block by block, each block observed on the outputs of the compressed blocks
+  before it (sequential calibration, the pipeline's default);
+- ``sequential + refit``: the same with the closed-form refit of ``up`` onto the dense outputs.
+(Sequential with sequential calibration off gives the whole path's factors; the tests prove that.)
+
+Pass 1 of the sequential pipeline (every projection's loss-cost curve, on the dense model) depends
+on neither the ratio nor the variant, so it runs once and is reused by every sequential row; each
+row then runs its own pass 2 on a fresh copy of the dense model. The time column is pass 2 plus
+what a single run would spend on pass 1 (measured once, added to every sequential row).
+
+    python benchmarks/sequential_quality.py    # writes benchmarks/results/sequential_quality.{md,json}
+    python benchmarks/sequential_quality.py --render LOG   # the same files from the rows a run printed (a cut-off run too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+VARIANTS = {
+    "whole": None,
+    "sequential": dict(pipeline="sequential", sequential_calibration=True, refit_up=False),
+    "sequential + refit": dict(pipeline="sequential", sequential_calibration=True, refit_up=True),
+}
+
+
+class ReusedPassOne:
+    """Patches ``SequentialPipeline._cost_curves`` to compute pass 1 once and return it to later runs.
+
+    Valid here because every run starts from the same dense model, calibration windows and method.
+    """
+
+    def __init__(self):
+        from asvd_passes.pipelines.sequential import SequentialPipeline
+
+        self.owner, self.original = SequentialPipeline, SequentialPipeline._cost_curves
+        self.result, self.seconds = None, 0.0
+
+    def __enter__(self):
+        def cost_curves(pipeline, hidden, calls, shapes):
+            if self.result is None:
+                tick = time.perf_counter()
+                self.result = self.original(pipeline, hidden, calls, shapes)
+                self.seconds = time.perf_counter() - tick
+            return self.result
+
+        self.owner._cost_curves = cost_curves
+        return self
+
+    def __exit__(self, *exc):
+        self.owner._cost_curves = self.original
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", default="0.95,0.9,0.85,0.8,0.7,0.6")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--windows", type=int, default=30)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sequential_quality"))
+    parser.add_argument("--render", default=None, help="write the outputs from the JSON rows printed in this log")
+    args = parser.parse_args()
+    if args.render:
+        from asvd_passes.models import EMBEDDED_DESCRIPTION
+
+        lines = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.startswith("{")]
+        dense = next(line["dense"] for line in lines if "dense" in line)
+        write_outputs(args, dense, [line for line in lines if "variant" in line], EMBEDDED_DESCRIPTION)
+        return 0
+
+    from asvd_passes import ASVDCompressor, ASVDConfig, perplexity
+    from asvd_passes.models import EMBEDDED_DESCRIPTION
+    from asvd_passes.modules import replace_module
+
+    ratios = [float(r) for r in args.ratios.split(",")]
+    variants = args.variants.split(",")
+    test = str(DATA / "wiki.test.raw")
+    calib = dict(method="whiten", allocation="fisher", calibration=str(DATA / "wiki.valid.tokens"),
+                 calib_samples=16, seqlen=args.seqlen, seed=0)
+    compressor = ASVDCompressor.from_pretrained(None)
+    model, tokenizer = compressor.model, compressor.tokenizer
+    dense = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
+    print(json.dumps(dict(dense=dense)), flush=True)
+    rows = []
+
+    if "whole" in variants:
+        tick = time.perf_counter()
+        analysis = compressor.analyze(ASVDConfig(param_ratio=0.9, pipeline="whole", **calib), progress=False)
+        analysis_seconds = time.perf_counter() - tick
+        dense_modules = {name: model.get_submodule(name) for name in analysis.shapes}
+        for ratio in ratios:
+            report = compressor.apply(analysis, ASVDConfig(param_ratio=ratio, pipeline="whole", **calib), progress=False)
+            result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
+            rows.append(dict(variant="whole", ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],
+                             seconds=report.seconds["compress"], pass_one_seconds=analysis_seconds))
+            print(json.dumps(rows[-1]), flush=True)
+            for name, module in dense_modules.items():
+                replace_module(model, name, module)
+            del model.config.quantization_config
+        del analysis, dense_modules
+
+    with ReusedPassOne() as pass_one:
+        for variant in [v for v in variants if v != "whole"]:
+            for ratio in ratios:
+                copy_ = copy.deepcopy(model)
+                reused = pass_one.result is not None
+                tick = time.perf_counter()
+                report = ASVDCompressor(copy_, tokenizer).compress(
+                    ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib), progress=False)
+                seconds = time.perf_counter() - tick - (0.0 if reused else pass_one.seconds)  # pass 2 alone
+                result = perplexity(copy_, tokenizer, test, args.seqlen, args.windows, progress=False)
+                rows.append(dict(variant=variant, ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],
+                                 seconds=seconds, pass_one_seconds=pass_one.seconds))
+                print(json.dumps(rows[-1]), flush=True)
+                del copy_, report
+                gc.collect()
+    write_outputs(args, dense, rows, EMBEDDED_DESCRIPTION)
+    return 0
+
+
+def write_outputs(args, dense, rows, description) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(dense=dense, rows=rows), indent=2))
+    ratios = sorted({row["ratio"] for row in rows}, reverse=True)
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    by = {(row["variant"], row["ratio"]): row for row in rows}
+    lines = [
+        f"{description}; CPU (2 cores). Perplexity: WikiText-2 test, seqlen {args.seqlen}, {dense['windows']} windows "
+        f"({dense['tokens']} tokens); dense **{dense['ppl']:.2f}** in the same run. Calibration: 16×{args.seqlen} "
+        f"validation windows, seed 0. whiten + fisher (4 windows for sensitivities). Ratio: parameters of the "
+        f"selected projections (achieved within one rank step).",
+        "",
+        "| param ratio | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+    for ratio in ratios:
+        cells = [f"{by[(v, ratio)]['ppl']:.2f}" if (v, ratio) in by else "–" for v in variants]
+        lines.append(f"| {ratio:.2f} | " + " | ".join(cells) + " |")
+    times = []
+    for v in variants:
+        seconds = [by[(v, r)]["seconds"] + by[(v, r)].get("pass_one_seconds", 0.0) for r in ratios if (v, r) in by]
+        if seconds:
+            times.append(f"{v} {min(seconds):.0f}–{max(seconds):.0f} s")
+    lines.append("")
+    lines.append("Compression time per run on this CPU: " + "; ".join(times) + " (whole: allocation and factoring "
+                 "plus the one analysis it shares; sequential: pass 2 plus one pass 1).")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
