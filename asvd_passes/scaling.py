@@ -64,24 +64,23 @@ def asvd_scaling(stats: InputStatistics, alpha: float, statistic: str = "abs_mea
 def whitening_scaling(stats: InputStatistics, max_tries: int = 8) -> WhiteningScaling:
     """Cholesky factor of the (mean) Gram matrix, shifting the diagonal until it is positive definite.
 
-    Memory matters at 5632² and beyond: one working copy, shifted in place (Cholesky reads only
-    the lower triangle, which Σ xᵀx fills symmetrically, so no symmetrised copy is made).
+    Memory matters at 5632² and beyond: the factor is computed in place in the one working copy
+    (Cholesky reads only the lower triangle, which Σ xᵀx fills symmetrically, so no symmetrised
+    copy is made), and a rank-deficient Gram (fewer calibration tokens than features, or dead
+    channels) is shifted by growing multiples of its mean diagonal rather than by its smallest
+    eigenvalue, which would cost another n² copy and an eigendecomposition.
     """
-    gram = stats.gram / max(stats.count, 1)
-    diagonal = gram.diagonal()
-    scale = diagonal.abs().mean().item() or 1.0
-    shift = 0.0
+    count = max(stats.count, 1)
+    scale = (stats.gram.diagonal().abs().mean() / count).item() or 1.0
+    info = torch.empty((), dtype=torch.int32, device=stats.gram.device)
+    factor = None
     for attempt in range(max_tries):
-        factor, info = torch.linalg.cholesky_ex(gram)
+        factor = torch.div(stats.gram, count, out=factor)  # fresh copy of the mean Gram, same buffer each try
+        if attempt:
+            factor.diagonal().add_(scale * 1e-6 * 10 ** (attempt - 1))
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
         if info.item() == 0:
             return WhiteningScaling(factor)
-        del factor
-        # Not positive definite (rank-deficient calibration or dead channels): shift by more each try.
-        if attempt == 0:
-            min_eig = torch.linalg.eigvalsh(gram).min().item()
-        new_shift = max(-min_eig, 0.0) + scale * 1e-6 * (10**attempt)
-        diagonal.add_(new_shift - shift)
-        shift = new_shift
     raise InvalidInputError(
         "Whitening failed: the Gram matrix stays non positive definite even after a diagonal shift; "
         "use more calibration data or --method asvd"

@@ -43,7 +43,7 @@ from ..graph.observers import PairedInputStatistics
 from ..modules import LowRankLinear, projection_weight, replace_module
 from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
 from ..refit import refit_up
-from ..scaling import shared_scalings
+from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
 
@@ -291,15 +291,18 @@ class SequentialPipeline:
                 fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index])
                 scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
                                            config.asvd_statistic)
+                layouts = self._block_layouts(index)
+                self._free_consumed_grams(statistics, layouts)
                 for p in selected:
                     if p.name not in shapes:
                         continue
                     svd = ScaledSVD.of(projection_weight(self.model.get_submodule(p.name)), scalings[p.name])
                     stats = statistics.get(p.name)
-                    gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
+                    # The curve reads XᵀX only for diagonal/identity scalings (whitening already holds it).
+                    gram = (stats.gram / stats.count if stats is not None and stats.gram is not None
+                            and not isinstance(scalings[p.name], WhiteningScaling) else None)
                     curves[p.name] = loss_cost_curve(svd, fisher[p.name], gram).tolist()
                     del svd
-                layouts = self._block_layouts(index)
                 if layouts and config.kv_allocation == "fisher":
                     svds = self._kv_svds(layouts, scalings, statistics)
                     kv_costs.update(kv.plan.fisher_kv_costs(layouts, svds, fisher, statistics, self.group_size))
@@ -399,6 +402,19 @@ class SequentialPipeline:
             raise RuntimeError(f"No gradient reached {missing[:3]}")
         return {name: value / tokens for name, value in sums.items()}, previous
 
+    def _free_consumed_grams(self, statistics: dict, layouts) -> None:
+        """Whitening has turned each Gram matrix into its Cholesky factor: free those nothing reads later.
+
+        Kept with ``refit_up`` (the refit reads Σx_c·x_cᵀ) and for the inputs of latent K/V (their
+        output-side metric and costs read XᵀX). A Gram matrix at 5632² is 254 MB of float64.
+        """
+        if self.config.method != "whiten" or self.config.refit_up:
+            return
+        keep = {id(statistics.get(layout.source(role))) for layout in layouts or () for role in kv.plan.ROLES}
+        for stats in {id(s): s for s in statistics.values()}.values():
+            if id(stats) not in keep:
+                stats.gram = None
+
     def _kv_svds(self, layouts, scalings, statistics):
         grams = None
         if self.config.kv_output_metric:
@@ -421,6 +437,8 @@ class SequentialPipeline:
             graph, selected, observed, statistics, dense_outputs = self._observe(index, block, current, call, reference)
             scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
                                        config.asvd_statistic)
+            layouts = self._block_layouts(index)
+            self._free_consumed_grams(statistics, layouts)
             replacements = {}
             for p in selected:
                 rank = plan.ranks.get(p.name)
@@ -436,7 +454,6 @@ class SequentialPipeline:
                     up = refit_up(weight, down, stats.cross, stats.gram)
                 replacements[p.name] = LowRankLinear.from_factors(
                     down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
-            layouts = self._block_layouts(index)
             if not config.sequential_calibration and dense_outputs is None:
                 with torch.no_grad():  # the dense block's outputs feed the next block
                     dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
