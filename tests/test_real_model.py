@@ -60,7 +60,9 @@ def test_whiten_095_compress_save_load_eval(tmp_path):
     )
     report = json.loads((out / "asvd_report.json").read_text())
     assert 0.94 < report["selected_ratio"] <= 0.95
-    assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin"))
+    # One file, or shards written block by block (the sequential path reads and writes one block at a time).
+    assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
     assert (out / "ranks.png").stat().st_size > 0
     result = eval_json(str(out), 30)
     assert result["ppl"] <= 70.0, result
