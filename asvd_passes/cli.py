@@ -52,6 +52,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="observe every block on the dense model's hidden states (sequential pipeline)")
     parser.add_argument("--refit-up", action="store_true",
                         help="least-squares refit of each up factor against the dense outputs (sequential pipeline)")
+    parser.add_argument("--svd-dtype", choices=["float64", "float32"], default="float64",
+                        help="precision of each projection's SVD (statistics and whitening stay float64)")
 
 
 def compress_config(args: argparse.Namespace):
@@ -91,6 +93,7 @@ def compress_config(args: argparse.Namespace):
         offload_folder=args.offload_folder,
         sequential_calibration=args.sequential_calibration,
         refit_up=args.refit_up,
+        svd_dtype=args.svd_dtype,
     )
 
 

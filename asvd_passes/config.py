@@ -14,6 +14,7 @@ DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
 PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
+SVD_DTYPES = ("float64", "float32")
 
 
 class ASVDConfig(BaseConfig):
@@ -46,6 +47,9 @@ class ASVDConfig(BaseConfig):
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
             for V) in the decomposition; ``False`` gives the plain scaled SVD of each group.
+        svd_dtype: precision of each weight projection's SVD: ``float64`` (eigendecomposition of
+            the smaller Gram matrix of W·S) or ``float32`` (LAPACK/cuSOLVER SVD of W·S); the
+            statistics and the whitening factor stay float64 either way. See docs/ARCHITECTURE.md.
         kv_equal_widths: ``fisher`` KV plan with one rank for K and V of each group (what a cache of
             equal K/V widths needs without the ``--genai`` export's packing; costs quality, see docs/DEPLOY.md).
     """
@@ -81,6 +85,7 @@ class ASVDConfig(BaseConfig):
         device: str = "auto",
         max_memory: float | None = None,
         offload_folder: str | None = None,
+        svd_dtype: str = "float64",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -112,6 +117,7 @@ class ASVDConfig(BaseConfig):
         self.device = device
         self.max_memory = max_memory
         self.offload_folder = None if offload_folder is None else str(offload_folder)
+        self.svd_dtype = svd_dtype
         self.validate()
 
     def validate(self) -> None:
@@ -125,6 +131,8 @@ class ASVDConfig(BaseConfig):
             raise InvalidInputError(f"Unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
         if self.device not in DEVICES:
             raise InvalidInputError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.svd_dtype not in SVD_DTYPES:
+            raise InvalidInputError(f"Unknown svd_dtype {self.svd_dtype!r}; choose one of {', '.join(SVD_DTYPES)}")
         if self.max_memory is not None and not float(self.max_memory) > 0:
             raise InvalidInputError(f"max_memory must be a positive number of GiB, got {self.max_memory}")
         if self.pipeline == "sequential" and (self.allocation == "strs" and self.compresses_weights):
@@ -165,6 +173,12 @@ class ASVDConfig(BaseConfig):
         if self.method == "whiten" or weights_fisher or kv_fisher:
             needed.append("gram")
         return tuple(needed)
+
+    @property
+    def svd_torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.svd_dtype)
 
     @property
     def compresses_weights(self) -> bool:

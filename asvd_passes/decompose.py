@@ -19,8 +19,8 @@ class ScaledSVD:
     scaling: Scaling
 
     @classmethod
-    def of(cls, weight: torch.Tensor, scaling: Scaling) -> "ScaledSVD":
-        """SVD of W·S through the eigendecomposition of its smaller Gram matrix.
+    def of(cls, weight: torch.Tensor, scaling: Scaling, dtype: torch.dtype = torch.float64) -> "ScaledSVD":
+        """SVD of W·S; in float64 through the eigendecomposition of its smaller Gram matrix.
 
         A = W·S is out × in; the eigenvectors of A·Aᵀ (or AᵀA) give U (or V) and σ², and one
         product gives the other side. On CPU this is ~6× faster than LAPACK's SVD of A at
@@ -28,17 +28,22 @@ class ScaledSVD:
         the singular values that a truncation keeps accurate (relative error ~1e-16·σ₁²/σ_k²).
         """
         scaled = scaling.apply(weight.detach().to(torch.float64))
+        if dtype != torch.float64:
+            # Squaring the condition number would cost single precision the small kept σ: a real SVD.
+            u, sigma, vh = torch.linalg.svd(scaled.to(dtype), full_matrices=False)
+            del scaled
+            return cls(u.double(), sigma.double(), vh.double(), scaling)
         out_features, in_features = scaled.shape
         if out_features <= in_features:
             eigenvalues, u = torch.linalg.eigh(scaled @ scaled.T)
             u = u.flip(1)
             sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
-            vh = (u.T @ scaled) / _safe(sigma)[:, None]  # rows σ_k·v_kᵀ, normalised
+            vh = (u.T @ scaled).div_(_safe(sigma)[:, None])  # rows σ_k·v_kᵀ, normalised (in place: out × in)
         else:
             eigenvalues, v = torch.linalg.eigh(scaled.T @ scaled)
             v = v.flip(1)
             sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
-            u = (scaled @ v) / _safe(sigma)[None, :]
+            u = (scaled @ v).div_(_safe(sigma)[None, :])
             vh = v.T
         return cls(u, sigma, vh, scaling)
 

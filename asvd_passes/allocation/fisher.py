@@ -20,7 +20,9 @@ from .budget import greedy_plan
 def loss_cost_curve(svd: ScaledSVD, fisher: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
     """``curve[r]`` = predicted loss increase when keeping rank r (curve[max_rank] = 0)."""
     energy = svd.sigma.pow(2)
-    output_weight = (svd.u.pow(2) * fisher.to(svd.u.device, svd.u.dtype)[:, None]).sum(0)  # u_kᵀ F u_k
+    weighted = svd.u * fisher.to(svd.u.device, svd.u.dtype).sqrt()[:, None]  # one out × k temporary
+    output_weight = weighted.mul_(weighted).sum(0)  # u_kᵀ F u_k
+    del weighted
     if gram is not None and not isinstance(svd.scaling, WhiteningScaling):
         directions = svd.scaling.unapply(svd.vh)  # rows m_k = v_kᵀ S⁻¹
         input_weight = ((directions @ gram.to(directions.device)) * directions).sum(1)  # m_k G m_kᵀ

@@ -208,6 +208,7 @@ class SequentialPipeline:
         plan = self._plan(shapes, curves)
         kv_plan = self._kv_plan(kv_costs)
         self.seconds["allocate"] = time.perf_counter() - tick
+        self.weights.release_rest(self.prefix)  # pass 2 runs blocks only (done already where pass 1 ran)
 
         tick = time.perf_counter()
         self._factor(hidden, calls, plan, kv_plan)
@@ -280,6 +281,7 @@ class SequentialPipeline:
                 self._release(self._name(index, "")[:-1], layer, self._storage_dtype)
             grads = self._head_gradients(current[:samples])
             del current
+            self.weights.release_rest(self.prefix)  # the backward sweep runs blocks only
             curves, kv_costs = {}, {}
             for index in tqdm(range(len(self.layers) - 1, -1, -1), desc="sensitivities", disable=not self.progress):
                 layer = self.layers[index]
@@ -289,20 +291,19 @@ class SequentialPipeline:
                 _, selected, observed, statistics, _ = self._observe(index, block, inputs, calls[index])
                 names = [p.name for p in observed]
                 fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index])
-                scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
-                                           config.asvd_statistic)
                 layouts = self._block_layouts(index)
-                self._free_consumed_grams(statistics, layouts)
-                for p in selected:
-                    if p.name not in shapes:
-                        continue
-                    svd = ScaledSVD.of(projection_weight(self.model.get_submodule(p.name)), scalings[p.name])
-                    stats = statistics.get(p.name)
-                    # The curve reads XᵀX only for diagonal/identity scalings (whitening already holds it).
-                    gram = (stats.gram / stats.count if stats is not None and stats.gram is not None
-                            and not isinstance(scalings[p.name], WhiteningScaling) else None)
-                    curves[p.name] = loss_cost_curve(svd, fisher[p.name], gram).tolist()
-                    del svd
+                for group, scalings in self._scalings(statistics, selected, observed, layouts):
+                    for p in group:
+                        if p.name not in shapes:
+                            continue
+                        svd = ScaledSVD.of(projection_weight(self.model.get_submodule(p.name)), scalings[p.name],
+                                           config.svd_torch_dtype)
+                        stats = statistics.get(p.name)
+                        # The curve reads XᵀX only for diagonal/identity scalings (whitening already holds it).
+                        gram = (stats.gram / stats.count if stats is not None and stats.gram is not None
+                                and not isinstance(scalings[p.name], WhiteningScaling) else None)
+                        curves[p.name] = loss_cost_curve(svd, fisher[p.name], gram).tolist()
+                        del svd
                 if layouts and config.kv_allocation == "fisher":
                     svds = self._kv_svds(layouts, scalings, statistics)
                     kv_costs.update(kv.plan.fisher_kv_costs(layouts, svds, fisher, statistics, self.group_size))
@@ -402,18 +403,37 @@ class SequentialPipeline:
             raise RuntimeError(f"No gradient reached {missing[:3]}")
         return {name: value / tokens for name, value in sums.items()}, previous
 
-    def _free_consumed_grams(self, statistics: dict, layouts) -> None:
-        """Whitening has turned each Gram matrix into its Cholesky factor: free those nothing reads later.
+    def _scalings(self, statistics: dict, selected, observed, layouts):
+        """(projections reading one input, their scalings), one input at a time, each dropped when done.
 
-        Kept with ``refit_up`` (the refit reads Σx_c·x_cᵀ) and for the inputs of latent K/V (their
-        output-side metric and costs read XᵀX). A Gram matrix at 5632² is 254 MB of float64.
+        Only one input's whitening factor is then alive at a time (a 5632² one is 254 MB). With latent
+        K/V in the block, every observed input's scaling is built at once and kept: the KV pass reads
+        them after the weight projections.
         """
-        if self.config.method != "whiten" or self.config.refit_up:
+        consume = self._consumable(statistics, layouts)
+        config = self.config
+        if layouts:
+            scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
+                                       config.asvd_statistic, consume)
+            yield selected, scalings
             return
+        groups: dict[int, list] = {}
+        for p in selected:
+            groups.setdefault(id(statistics.get(p.name)), []).append(p)
+        for group in groups.values():
+            scalings = shared_scalings(config.method, statistics, [p.name for p in group], config.alpha,
+                                       config.asvd_statistic, consume)
+            yield group, scalings
+            scalings.clear()  # the caller's loop variable still names the dict; its factors go now
+
+    def _consumable(self, statistics: dict, layouts):
+        """Whether nothing reads an observer's Gram matrix once whitening has factored it (then the
+        factor takes over its buffer). Kept with ``refit_up`` (the refit reads Σx_c·x_cᵀ) and for the
+        inputs of latent K/V (their output-side metric and costs read XᵀX)."""
+        if self.config.refit_up:
+            return lambda stats: False
         keep = {id(statistics.get(layout.source(role))) for layout in layouts or () for role in kv.plan.ROLES}
-        for stats in {id(s): s for s in statistics.values()}.values():
-            if id(stats) not in keep:
-                stats.gram = None
+        return lambda stats: id(stats) not in keep
 
     def _kv_svds(self, layouts, scalings, statistics):
         grams = None
@@ -435,25 +455,23 @@ class SequentialPipeline:
             block = self.weights.load(prefix, layer)
             call = calls[index]
             graph, selected, observed, statistics, dense_outputs = self._observe(index, block, current, call, reference)
-            scalings = shared_scalings(config.method, statistics, [p.name for p in observed], config.alpha,
-                                       config.asvd_statistic)
             layouts = self._block_layouts(index)
-            self._free_consumed_grams(statistics, layouts)
             replacements = {}
-            for p in selected:
-                rank = plan.ranks.get(p.name)
-                if rank is None:
-                    continue
-                dense = self.model.get_submodule(p.name)
-                weight = projection_weight(dense)
-                svd = ScaledSVD.of(weight, scalings[p.name])
-                down, up = svd.factors(rank)
-                del svd
-                if refit:
-                    stats = statistics[p.name]
-                    up = refit_up(weight, down, stats.cross, stats.gram)
-                replacements[p.name] = LowRankLinear.from_factors(
-                    down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
+            for group, scalings in self._scalings(statistics, selected, observed, layouts):
+                for p in group:
+                    rank = plan.ranks.get(p.name)
+                    if rank is None:
+                        continue
+                    dense = self.model.get_submodule(p.name)
+                    weight = projection_weight(dense)
+                    svd = ScaledSVD.of(weight, scalings[p.name], config.svd_torch_dtype)
+                    down, up = svd.factors(rank)
+                    del svd
+                    if refit:
+                        stats = statistics[p.name]
+                        up = refit_up(weight, down, stats.cross, stats.gram)
+                    replacements[p.name] = LowRankLinear.from_factors(
+                        down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
             if not config.sequential_calibration and dense_outputs is None:
                 with torch.no_grad():  # the dense block's outputs feed the next block
                     dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]

@@ -153,7 +153,7 @@ class WholeModelPipeline:
                                    config.asvd_statistic)
         svds = {}
         for name in tqdm(shapes, desc="decompose", disable=not progress):
-            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scalings[name])
+            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scalings[name], config.svd_torch_dtype)
         kv_svds, group_size = {}, None
         if layouts is not None:
             group_size = kv.resolve_group_size(layouts, config.kv_group_size)

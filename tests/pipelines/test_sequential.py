@@ -254,3 +254,20 @@ def test_cuda_device_without_cuda_is_a_clear_error(tiny_model, tokens):
     with pytest.raises(ValueError, match="no CUDA device"):
         compressor.compress(ASVDConfig(param_ratio=0.8, pipeline="sequential", device="cuda", **SMALL),
                             calibration=tokens(4, 16), progress=False)
+
+
+@pytest.mark.parametrize("pipeline", ["whole", "sequential"])
+def test_float32_svd_gives_the_float64_model(pipeline, tiny_model, tokens):
+    """``svd_dtype="float32"`` reaches the decomposition of both pipelines: the same ranks, logits within 1e-3."""
+    windows, ids = tokens(4, 16), tokens(2, 16, seed=3)
+    results = []
+    for svd_dtype in ("float64", "float32"):
+        compressor = ASVDCompressor(tiny_model("llama"))
+        report = compressor.compress(ASVDConfig(param_ratio=0.7, pipeline=pipeline, svd_dtype=svd_dtype, **SMALL),
+                                     calibration=windows, progress=False)
+        with torch.no_grad():
+            results.append((report.ranks, _factors(compressor.model), compressor.model(ids).logits))
+    (ranks64, factors64, logits64), (ranks32, factors32, logits32) = results
+    assert ranks64 == ranks32
+    assert any(not torch.equal(factors64[name][0], factors32[name][0]) for name in factors64)  # it did run in float32
+    torch.testing.assert_close(logits32, logits64, rtol=0, atol=1e-3)
