@@ -183,6 +183,28 @@ def test_sharded_model_compresses_block_by_block_and_reloads(family, tiny_model,
         torch.testing.assert_close(offloaded.model(ids).logits, b(ids).logits, rtol=0, atol=0)  # lazily reloaded
 
 
+def test_offloaded_pass_two_holds_no_embeddings(tiny_model, tokens, tmp_path, monkeypatch):
+    """Read from shards, the embeddings and LM head go back to meta once pass 1 is done (the writer
+    re-reads them from the source shards), and the output still reloads whole."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "source", max_shard_size="20KB")
+    seen = []
+    factor = SequentialPipeline._factor
+
+    def spy(self, *args):
+        seen.append({name: p.device.type for name, p in self.model.named_parameters() if ".layers." not in name})
+        return factor(self, *args)
+
+    monkeypatch.setattr(SequentialPipeline, "_factor", spy)
+    compressor = ASVDCompressor.from_pretrained(str(tmp_path / "source"))
+    compressor.compress(ASVDConfig(param_ratio=0.8, pipeline="sequential", **SMALL), calibration=tokens(4, 16),
+                        save_dir=tmp_path / "out", progress=False)
+    assert seen and "model.embed_tokens.weight" in seen[0] and set(seen[0].values()) == {"meta"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.model.embed_tokens.weight.device.type == "cpu"
+
+
 def test_bf16_shards_stay_bf16(tiny_model, tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 
