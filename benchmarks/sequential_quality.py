@@ -4,7 +4,9 @@ Rows, per parameter ratio (whiten + fisher everywhere, the usual protocol of ``.
 - ``whole``: the whole-model path (today's default where the model fits), one analysis for all ratios;
 - ``sequential``: block by block, each block observed on the outputs of the compressed blocks
   before it (sequential calibration, the pipeline's default);
-- ``sequential + refit``: the same with the closed-form refit of ``up`` onto the dense outputs.
+- ``sequential + refit``: the same with the closed-form refit of ``up`` onto the dense outputs;
+- ``sequential + float32 SVD``: the default with each projection's SVD in float32 (statistics and
+  whitening stay float64), the precision a GPU run may choose.
 (Sequential with sequential calibration off gives the whole path's factors; the tests prove that.)
 
 Pass 1 of the sequential pipeline (every projection's loss-cost curve, on the dense model) depends
@@ -34,27 +36,30 @@ VARIANTS = {
     "whole": None,
     "sequential": dict(pipeline="sequential", sequential_calibration=True, refit_up=False),
     "sequential + refit": dict(pipeline="sequential", sequential_calibration=True, refit_up=True),
+    "sequential + float32 SVD": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
+                                    svd_dtype="float32"),
 }
 
 
 class ReusedPassOne:
     """Patches ``SequentialPipeline._cost_curves`` to compute pass 1 once and return it to later runs.
 
-    Valid here because every run starts from the same dense model, calibration windows and method.
+    Valid here because every run starts from the same dense model, calibration windows and method;
+    a variant with another SVD precision gets its own pass 1.
     """
 
     def __init__(self):
         from asvd_passes.pipelines.sequential import SequentialPipeline
 
         self.owner, self.original = SequentialPipeline, SequentialPipeline._cost_curves
-        self.result, self.seconds = None, 0.0
+        self.result, self.seconds, self.key = None, 0.0, None
 
     def __enter__(self):
         def cost_curves(pipeline, hidden, calls, shapes):
-            if self.result is None:
+            if self.result is None or self.key != pipeline.config.svd_dtype:
                 tick = time.perf_counter()
                 self.result = self.original(pipeline, hidden, calls, shapes)
-                self.seconds = time.perf_counter() - tick
+                self.seconds, self.key = time.perf_counter() - tick, pipeline.config.svd_dtype
             return self.result
 
         self.owner._cost_curves = cost_curves
@@ -116,7 +121,7 @@ def main() -> int:
         for variant in [v for v in variants if v != "whole"]:
             for ratio in ratios:
                 copy_ = copy.deepcopy(model)
-                reused = pass_one.result is not None
+                reused = pass_one.result is not None and pass_one.key == VARIANTS[variant].get("svd_dtype", "float64")
                 tick = time.perf_counter()
                 report = ASVDCompressor(copy_, tokenizer).compress(
                     ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib), progress=False)

@@ -24,9 +24,14 @@ windows to change the logits.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+WIKITEXT = Path(os.environ.get("ASVD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "wikitext-2"
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "phi3", "llama3", "olmo2", "gpt_neox", "gemma2", "gemma3")
 SLIDING_WINDOW = 8  # shorter than the test sequences
@@ -186,3 +191,22 @@ def projections_of():
 def step_logits():
     """``(torch_step_logits, ort_step_logits)``: prefill then one-token decode steps, PyTorch and ORT."""
     return torch_step_logits, ort_step_logits
+
+
+@pytest.fixture(scope="session")
+def smollm2_09_kv05(tmp_path_factory):
+    """The real SmolLM2 with --param-ratio 0.9 --kv-ratio 0.5 (whiten, 4 calibration windows), compressed once per
+    session for every real-model test that needs *a* compressed model: (model, tokenizer, folder)."""
+    valid = WIKITEXT / "wiki.valid.tokens"
+    if not valid.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"WikiText-2 data missing at {WIKITEXT}")
+        pytest.skip(f"WikiText-2 data not found at {WIKITEXT}")
+    from asvd_passes import ASVDCompressor, ASVDConfig
+
+    folder = tmp_path_factory.mktemp("smollm2-09-kv05") / "compressed"
+    compressor = ASVDCompressor.from_pretrained(None)
+    config = ASVDConfig(method="whiten", param_ratio=0.9, kv_ratio=0.5, calibration=str(valid),
+                        calib_samples=4, seqlen=512, seed=0)
+    compressor.compress(config, save_dir=folder, progress=False)
+    return compressor.model, compressor.tokenizer, folder

@@ -115,18 +115,10 @@ def test_latent_kv_half_cache(tmp_path):
     assert result["ppl"] <= 36.0, result
 
 
-@pytest.fixture(scope="module")
-def compressed_09_kv05(tmp_path_factory):
-    """SmolLM2 with --param-ratio 0.9 --kv-ratio 0.5 (whiten, 4 calibration windows): (model, tokenizer, folder)."""
-    _require_data()
-    from asvd_passes import ASVDCompressor, ASVDConfig
-
-    folder = tmp_path_factory.mktemp("smollm2-09-kv05") / "compressed"
-    compressor = ASVDCompressor.from_pretrained(None)
-    config = ASVDConfig(method="whiten", param_ratio=0.9, kv_ratio=0.5, calibration=str(VALID_SPLIT),
-                        calib_samples=4, seqlen=512, seed=0)
-    compressor.compress(config, save_dir=folder, progress=False)
-    return compressor.model, compressor.tokenizer, folder
+@pytest.fixture
+def compressed_09_kv05(smollm2_09_kv05):
+    """SmolLM2 with --param-ratio 0.9 --kv-ratio 0.5: (model, tokenizer, folder), shared by the session (conftest)."""
+    return smollm2_09_kv05
 
 
 def _greedy_reference(model, tokenizer, prompt_text: str, tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
