@@ -18,8 +18,8 @@ class Scaling:
     """Identity scaling (plain SVD)."""
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """W ↦ W·S, as a new float64 tensor (never a view of ``weight``: callers may overwrite it)."""
-        return weight.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+        """W ↦ W·S."""
+        return weight
 
     def unapply(self, factor: torch.Tensor) -> torch.Tensor:
         """M ↦ M·S⁻¹ (M has ``in`` columns)."""
@@ -33,7 +33,7 @@ class DiagonalScaling(Scaling):
     diag: torch.Tensor
 
     def apply(self, weight):
-        return weight.to(torch.float64) * self.diag[None, :]
+        return weight * self.diag[None, :]
 
     def unapply(self, factor):
         return factor / self.diag[None, :]
@@ -46,21 +46,7 @@ class WhiteningScaling(Scaling):
     cholesky: torch.Tensor
 
     def apply(self, weight):
-        scaled = weight.to(torch.float64, memory_format=torch.contiguous_format, copy=True)  # row-major
-        factor = self.cholesky
-        if scaled.device.type != "cpu" or factor.device.type != "cpu" or factor.dtype != torch.float64:
-            return scaled @ factor
-        # BLAS trmm multiplies by a triangular matrix in place: no second out × in buffer, half the flops.
-        # (W·L)ᵀ = Lᵀ·Wᵀ, and Wᵀ of the row-major copy is a column-major array of the same memory.
-        from scipy.linalg import blas
-
-        if factor.mT.is_contiguous():  # column-major L (how whitening_scaling leaves it)
-            a, lower, transpose = factor.numpy(), 1, 1
-        else:
-            factor = factor.contiguous()
-            a, lower, transpose = factor.numpy().T, 0, 0  # Lᵀ, upper and column-major
-        blas.dtrmm(1.0, a, scaled.numpy().T, side=0, lower=lower, trans_a=transpose, diag=0, overwrite_b=1)
-        return scaled
+        return weight @ self.cholesky
 
     def unapply(self, factor):
         # M·L⁻¹ = (L⁻ᵀ·Mᵀ)ᵀ: one triangular solve, no explicit inverse.

@@ -33,17 +33,3 @@ def test_unknown_svd_dtype_is_named():
     with pytest.raises(InvalidInputError, match="svd_dtype"):
         ASVDConfig(svd_dtype="float16")
 
-
-@pytest.mark.parametrize("shape", [(48, 96), (96, 48)], ids=["wide", "tall"])
-def test_svd_for_one_rank_gives_that_rank_s_factors(shape):
-    """``rank=`` computes only the vectors that rank needs: the same factors, and no higher rank."""
-    generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(*shape, generator=generator)
-    stats = InputStatistics(shape[1], ("gram",), ("x",))
-    stats(torch.randn(300, shape[1], generator=generator))
-    scaling = whitening_scaling(stats)
-    full, cut = ScaledSVD.of(weight, scaling), ScaledSVD.of(weight, scaling, rank=20)
-    for got, expected in zip(cut.factors(20), full.factors(20)):
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="rank 21"):
-        cut.factors(21)

@@ -464,7 +464,7 @@ class SequentialPipeline:
                         continue
                     dense = self.model.get_submodule(p.name)
                     weight = projection_weight(dense)
-                    svd = ScaledSVD.of(weight, scalings[p.name], config.svd_torch_dtype, rank=rank)
+                    svd = ScaledSVD.of(weight, scalings[p.name], config.svd_torch_dtype)
                     down, up = svd.factors(rank)
                     del svd
                     if refit:
