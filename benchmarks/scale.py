@@ -38,8 +38,12 @@ SHAPES = {
 }
 
 
-def write_random_llama(folder: Path, shape: str, layers: int, vocab: int = 32000, seed: int = 0) -> int:
-    """A random Llama checkpoint in bf16 shards (one per block), made one block at a time; returns #params."""
+def write_random_llama(folder: Path, shape: str, layers: int, vocab: int = 32000, seed: int = 0,
+                       device: str = "cpu") -> int:
+    """A random Llama checkpoint in bf16 shards (one per block), made one block at a time; returns #params.
+
+    On ``device="cuda"`` the numbers are drawn on the GPU (a 7B model's 6.7 G draws take minutes on CPU).
+    """
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -53,7 +57,7 @@ def write_random_llama(folder: Path, shape: str, layers: int, vocab: int = 32000
     config.dtype = torch.bfloat16
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     groups: dict[str, dict[str, tuple]] = {}
     for name, param in model.named_parameters():
         group = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else "rest"
@@ -66,7 +70,7 @@ def write_random_llama(folder: Path, shape: str, layers: int, vocab: int = 32000
             if name.endswith("norm.weight"):
                 made[name] = torch.ones(shape_, dtype=torch.bfloat16)
             else:
-                made[name] = (torch.randn(shape_, generator=generator) * 0.02).to(torch.bfloat16)
+                made[name] = (torch.randn(shape_, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
             weight_map[name] = file
             total += made[name].numel() * 2
             params += made[name].numel()
@@ -85,18 +89,18 @@ def child(args) -> int:
     from asvd_passes import ASVDCompressor, ASVDConfig
 
     torch.manual_seed(0)
-    options = dict(param_ratio=args.ratio, pipeline=args.pipeline, device=args.device,
+    options = dict(param_ratio=args.ratio, pipeline=args.pipeline, device=args.device, svd_dtype=args.svd_dtype,
                    calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0)
     tick = time.perf_counter()
     if args.model == "smollm2":
         compressor = ASVDCompressor.from_pretrained(None)
         config = ASVDConfig(calibration=str(DATA / "wiki.valid.tokens"), **options)
-        report = compressor.compress(config, save_dir=args.out, progress=False)
+        report = compressor.compress(config, save_dir=args.out, progress=args.progress)
     else:
         compressor = ASVDCompressor.from_pretrained(args.model)
         vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
         windows = torch.randint(3, vocab, (args.calib_samples, args.seqlen), generator=torch.Generator().manual_seed(0))
-        report = compressor.compress(ASVDConfig(**options), calibration=windows, save_dir=args.out, progress=False)
+        report = compressor.compress(ASVDConfig(**options), calibration=windows, save_dir=args.out, progress=args.progress)
     seconds = time.perf_counter() - tick
     peak_gpu = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
     print("ROW " + json.dumps(dict(seconds=seconds, peak_rss_gib=report.peak_rss_mib / 1024, peak_gpu_gib=peak_gpu,
@@ -107,14 +111,21 @@ def child(args) -> int:
 def run_row(label, model, pipeline, args, params, layers) -> dict:
     out = Path(args.workdir) / "out" / f"{Path(str(model)).name}-{pipeline}"
     command = [sys.executable, __file__, "--child", "--model", str(model), "--pipeline", pipeline,
-               "--device", args.device, "--ratio", str(args.ratio), "--out", str(out),
+               "--device", args.device, "--ratio", str(args.ratio), "--out", str(out), "--svd-dtype", args.svd_dtype,
                "--calib-samples", str(args.calib_samples if model != "smollm2" else 16),
-               "--seqlen", str(args.seqlen if model != "smollm2" else 512)]
+               "--seqlen", str(args.seqlen if model != "smollm2" else 512)] + (["--progress"] if args.progress else [])
     print(f"{label} / {pipeline}: {' '.join(command[2:])}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    tick = time.perf_counter()
+    try:
+        # With --progress the child's progress bars go straight to this process's stderr.
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=None if args.progress else subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(label=label, pipeline=pipeline, params=params, layers=layers,
+                    error=f"stopped after {time.perf_counter() - tick:.0f} s (--row-timeout)")
     rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
     if done.returncode != 0 or not rows:
-        tail = (done.stderr or done.stdout)[-2000:]
+        tail = ((done.stderr or "") + done.stdout)[-2000:]
         return dict(label=label, pipeline=pipeline, params=params, layers=layers, error=tail)
     row = dict(label=label, pipeline=pipeline, params=params, layers=layers, fp32_gib=params * 4 / GIB, **rows[0])
     print(json.dumps(row), flush=True)
@@ -130,6 +141,7 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/asvd-scale")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--svd-dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--calib-samples", type=int, default=4, help="calibration windows for the random models")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--layers-3b", type=int, default=4, help="layers of the 3B shape (28 is prohibitive on 2 cores)")
@@ -137,6 +149,8 @@ def main() -> int:
     parser.add_argument("--whole-for", default="smollm2,1b-4", help="rows that also run the whole-model path")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "scale"))
     parser.add_argument("--render", default=None, help="write the table from this JSON")
+    parser.add_argument("--progress", action="store_true", help="show each row's progress bars")
+    parser.add_argument("--row-timeout", type=float, default=None, help="stop a row after this many seconds")
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -148,6 +162,10 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     rows = []
+    settings = dict(device=args.device, svd_dtype=args.svd_dtype, ratio=args.ratio, calib_samples=args.calib_samples, seqlen=args.seqlen,
+                    command=" ".join(sys.argv[1:]), machine=_machine(args.device))
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
     for key in args.rows.split(","):
         if key == "smollm2":
             label, model, params, layers = "SmolLM2-135M (real)", "smollm2", 134_515_008, 30
@@ -159,36 +177,47 @@ def main() -> int:
             label = f"{shape} random, {layers} layers, bf16"
             model = workdir / "models" / f"{shape}-{layers}"
             tick = time.perf_counter()
-            params = write_random_llama(model, shape, layers)
+            params = write_random_llama(model, shape, layers, device="cuda" if args.device == "cuda" else "cpu")
             print(f"wrote {model} ({params / 1e9:.2f} B params) in {time.perf_counter() - tick:.0f} s", flush=True)
         pipelines = (["whole"] if key in args.whole_for.split(",") else []) + ["sequential"]
         for pipeline in pipelines:
             rows.append(run_row(label, model, pipeline, args, params, layers))
             shutil.rmtree(workdir / "out", ignore_errors=True)
-    settings = dict(device=args.device, ratio=args.ratio, calib_samples=args.calib_samples, seqlen=args.seqlen,
-                    command=" ".join(sys.argv[1:]))
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".json").write_text(json.dumps(dict(settings=settings, rows=rows), indent=2))
+            # Written after every row, so a run stopped part-way keeps the rows it finished.
+            results.with_suffix(".json").write_text(json.dumps(dict(settings=settings, rows=rows), indent=2))
     write_table(rows, settings, results)
     return 0
 
 
+def _machine(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
+    return f"{os.cpu_count()}-core CPU"
+
+
 def write_table(rows, settings, results: Path) -> None:
+    gpu = settings["device"] == "cuda"
+    machine = settings.get("machine", "2-core CPU")
     lines = [
-        f"`asvd compress --param-ratio {settings['ratio']}` (whiten + fisher), device {settings['device']}, 2-core CPU. "
+        f"`asvd compress --param-ratio {settings['ratio']}` (whiten + fisher), device {settings['device']}, "
+        f"SVD in {settings.get('svd_dtype', 'float64')}, {machine}. "
         f"Random models: calibration {settings['calib_samples']}×{settings['seqlen']} random token windows; "
         "SmolLM2: 16×512 WikiText-2 validation windows. Each row is its own process.",
         "",
-        "| model | params | fp32 size GiB | pipeline | peak RSS GiB | peak RSS / fp32 size | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | params | fp32 size GiB | pipeline | peak RSS GiB | peak RSS / fp32 size | "
+        + ("peak GPU GiB | " if gpu else "") + "wall s |",
+        "|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for row in rows:
+        head = f"| {row['label']} | {row['params'] / 1e9:.2f} B | {row['params'] * 4 / GIB:.2f} | {row['pipeline']} | "
         if "error" in row:
-            lines.append(f"| {row['label']} | {row['params'] / 1e9:.2f} B | {row['params'] * 4 / GIB:.2f} | {row['pipeline']} | failed | | |")
+            reason = row["error"] if row["error"].startswith("stopped") else "failed"
+            lines.append(head + f"{reason} | |" + (" |" if gpu else "") + " |")
             continue
-        lines.append(f"| {row['label']} | {row['params'] / 1e9:.2f} B | {row['fp32_gib']:.2f} | {row['pipeline']} | "
-                     f"{row['peak_rss_gib']:.2f} | {row['peak_rss_gib'] / row['fp32_gib']:.2f} | {row['seconds']:.0f} |")
+        lines.append(head + f"{row['peak_rss_gib']:.2f} | {row['peak_rss_gib'] / row['fp32_gib']:.2f} | "
+                     + (f"{row['peak_gpu_gib']:.2f} | " if gpu else "") + f"{row['seconds']:.0f} |")
     seq = {row["layers"]: row for row in rows if row.get("pipeline") == "sequential" and "1b-width" in row["label"] and "error" not in row}
     if 4 in seq and 16 in seq:
         size = seq[16]["fp32_gib"]
