@@ -304,6 +304,8 @@ class SequentialPipeline:
                                 and not isinstance(scalings[p.name], WhiteningScaling) else None)
                         curves[p.name] = loss_cost_curve(svd, fisher[p.name], gram).tolist()
                         del svd
+                        if not layouts:  # the KV pass reads q/o weights for its metrics
+                            self.weights.discard(self.model.get_submodule(p.name))
                 if layouts and config.kv_allocation == "fisher":
                     svds = self._kv_svds(layouts, scalings, statistics)
                     kv_costs.update(kv.plan.fisher_kv_costs(layouts, svds, fisher, statistics, self.group_size))
@@ -456,6 +458,9 @@ class SequentialPipeline:
             call = calls[index]
             graph, selected, observed, statistics, dense_outputs = self._observe(index, block, current, call, reference)
             layouts = self._block_layouts(index)
+            if not config.sequential_calibration and dense_outputs is None:
+                with torch.no_grad():  # the dense block's outputs feed the next block
+                    dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
             replacements = {}
             for group, scalings in self._scalings(statistics, selected, observed, layouts):
                 for p in group:
@@ -472,9 +477,11 @@ class SequentialPipeline:
                         up = refit_up(weight, down, stats.cross, stats.gram)
                     replacements[p.name] = LowRankLinear.from_factors(
                         down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
-            if not config.sequential_calibration and dense_outputs is None:
-                with torch.no_grad():  # the dense block's outputs feed the next block
-                    dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
+                    del weight, down, up
+                    if not layouts:
+                        # Nothing reads the dense weight again (the graph's node for it is rewritten
+                        # below): one projection's dense and factored copies are alive at a time.
+                        self.weights.discard(dense)
             relative = {name[len(prefix) + 1:]: module for name, module in replacements.items()}
             if layouts:
                 svds = self._kv_svds(layouts, scalings, statistics)

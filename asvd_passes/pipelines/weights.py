@@ -59,6 +59,9 @@ class ResidentWeights:
     def release(self, prefix: str, block: nn.Module, dtype: torch.dtype) -> None:
         block.to(self.storage_device, dtype=dtype)
 
+    def discard(self, module: nn.Module) -> None:
+        """Nothing to do: the tensors are the model's own (pass 2 still reads them after pass 1)."""
+
     def finish(self) -> None:
         """The whole model back where it was stored (the parts outside the blocks were on the device)."""
         self.model.to(self.storage_device)
@@ -163,12 +166,19 @@ class ShardedWeights:
         from accelerate.utils import set_module_tensor_to_device
 
         for name, parameter in list(block.named_parameters()):
+            if parameter.device.type == "meta":
+                continue  # discarded already
             # Free the storage itself: any reference left elsewhere (a captured graph) then holds nothing.
             try:
                 parameter.untyped_storage().resize_(0)
             except RuntimeError:
                 pass  # a file-backed (mmapped) tensor read as stored: the page cache holds it, not us
             set_module_tensor_to_device(block, name, "meta")
+
+    def discard(self, module: nn.Module) -> None:
+        """Free one module's tensors before its block is released (a projection already factored): the
+        shards still hold them, so a later pass reads them again."""
+        self.release("", module, torch.float32)
 
     def finish(self) -> None:
         pass

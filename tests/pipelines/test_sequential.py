@@ -205,6 +205,48 @@ def test_offloaded_pass_two_holds_no_embeddings(tiny_model, tokens, tmp_path, mo
     assert reloaded.model.embed_tokens.weight.device.type == "cpu"
 
 
+def test_offloaded_run_frees_each_dense_weight_once_factored(tiny_model, tokens, tmp_path, monkeypatch):
+    """Read from shards, a projection's dense weight is freed as soon as its SVD is taken (pass 1) or its
+    factors are built (pass 2): at every SVD, at most the projections of the input being factored are
+    still dense in the block, and the output is the same model as an in-memory run."""
+    import asvd_passes.pipelines.sequential as sequential
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "source", max_shard_size="20KB")
+    compressor = ASVDCompressor.from_pretrained(str(tmp_path / "source"))
+    dense_at_svd, pipelines = [], []
+    of, run = sequential.ScaledSVD.of, SequentialPipeline.run
+
+    def keep(self):
+        pipelines.append(self)
+        return run(self)
+
+    def spy(weight, scaling, dtype=torch.float64):
+        layers = pipelines[-1].layers
+        block = next(l for l in layers if any(p.device.type != "meta" for p in l.parameters()))
+        dense_at_svd.append(sorted(name for name, module in block.named_modules()
+                                   if isinstance(module, torch.nn.Linear) and name.count(".") == 1
+                                   and module.weight.device.type != "meta"))
+        return of(weight, scaling, dtype)
+
+    monkeypatch.setattr(sequential.ScaledSVD, "of", spy)
+    monkeypatch.setattr(SequentialPipeline, "run", keep)
+    config = ASVDConfig(param_ratio=0.8, allocation="fisher", pipeline="sequential", **SMALL)
+    windows, ids = tokens(4, 16), tokens(2, 12, seed=4)
+    compressor.compress(config, calibration=windows, save_dir=tmp_path / "offloaded", progress=False)
+    # Blocks factor q, k, v, o, gate, up, down in turn: each SVD finds one dense projection fewer.
+    first_block = dense_at_svd[:7]
+    assert [len(names) for names in first_block] == [7, 6, 5, 4, 3, 2, 1] and first_block[-1] == ["mlp.down_proj"]
+    assert dense_at_svd.count(["mlp.down_proj"]) >= 2  # pass 1 of both blocks (pass 2 skips projections left dense)
+    monkeypatch.setattr(sequential.ScaledSVD, "of", of)
+    resident = ASVDCompressor(tiny_model("llama"))
+    resident.compress(config, calibration=windows, save_dir=tmp_path / "resident", progress=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resident")
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
 def test_bf16_shards_stay_bf16(tiny_model, tokens, tmp_path):
     from transformers import AutoModelForCausalLM
 
