@@ -54,6 +54,11 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="least-squares refit of each up factor against the dense outputs (sequential pipeline)")
     parser.add_argument("--svd-dtype", choices=["float64", "float32"], default="float64",
                         help="precision of each projection's SVD (statistics and whitening stay float64)")
+    parser.add_argument("--output-whitening", choices=["none", "gradient"], default="none",
+                        help="gradient: also whiten each projection's outputs by the loss-gradient covariance "
+                             "(K-FAC's output factor; the SVD then minimises the predicted loss increase)")
+    parser.add_argument("--output-damping", type=float, default=0.1,
+                        help="damping of the output-gradient covariance, times its mean diagonal")
 
 
 def compress_config(args: argparse.Namespace):
@@ -94,6 +99,8 @@ def compress_config(args: argparse.Namespace):
         sequential_calibration=args.sequential_calibration,
         refit_up=args.refit_up,
         svd_dtype=args.svd_dtype,
+        output_whitening=args.output_whitening,
+        output_damping=args.output_damping,
     )
 
 

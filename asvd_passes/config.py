@@ -15,6 +15,7 @@ KV_ALLOCATIONS = ("uniform", "fisher")
 PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 SVD_DTYPES = ("float64", "float32")
+OUTPUT_WHITENINGS = ("none", "gradient")
 
 
 class ASVDConfig(BaseConfig):
@@ -50,6 +51,11 @@ class ASVDConfig(BaseConfig):
         svd_dtype: precision of each weight projection's SVD: ``float64`` (eigendecomposition of
             the smaller Gram matrix of W·S) or ``float32`` (LAPACK/cuSOLVER SVD of W·S); the
             statistics and the whitening factor stay float64 either way. See docs/ARCHITECTURE.md.
+        output_whitening: ``gradient`` also whitens each weight projection's outputs by the covariance
+            of the loss gradient with respect to them, G = E[g·gᵀ] over ``sensitivity_samples`` windows
+            (K-FAC's output factor): the SVD is of R_Gᵀ·W·S, so truncation minimises the predicted loss
+            increase instead of the output error; ``none`` (default) keeps the plain scaled SVD.
+        output_damping: G + damping·mean(diag G)·I is factored (G from a few windows is rank-deficient).
         kv_equal_widths: ``fisher`` KV plan with one rank for K and V of each group (what a cache of
             equal K/V widths needs without the ``--genai`` export's packing; costs quality, see docs/DEPLOY.md).
     """
@@ -86,6 +92,8 @@ class ASVDConfig(BaseConfig):
         max_memory: float | None = None,
         offload_folder: str | None = None,
         svd_dtype: str = "float64",
+        output_whitening: str = "none",
+        output_damping: float = 0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -118,6 +126,8 @@ class ASVDConfig(BaseConfig):
         self.max_memory = max_memory
         self.offload_folder = None if offload_folder is None else str(offload_folder)
         self.svd_dtype = svd_dtype
+        self.output_whitening = output_whitening
+        self.output_damping = output_damping
         self.validate()
 
     def validate(self) -> None:
@@ -133,6 +143,11 @@ class ASVDConfig(BaseConfig):
             raise InvalidInputError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.svd_dtype not in SVD_DTYPES:
             raise InvalidInputError(f"Unknown svd_dtype {self.svd_dtype!r}; choose one of {', '.join(SVD_DTYPES)}")
+        if self.output_whitening not in OUTPUT_WHITENINGS:
+            raise InvalidInputError(
+                f"Unknown output_whitening {self.output_whitening!r}; choose one of {', '.join(OUTPUT_WHITENINGS)}")
+        if not float(self.output_damping) > 0:
+            raise InvalidInputError(f"output_damping must be positive, got {self.output_damping}")
         if self.max_memory is not None and not float(self.max_memory) > 0:
             raise InvalidInputError(f"max_memory must be a positive number of GiB, got {self.max_memory}")
         if self.pipeline == "sequential" and (self.allocation == "strs" and self.compresses_weights):

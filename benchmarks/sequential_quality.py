@@ -6,7 +6,9 @@ Rows, per parameter ratio (whiten + fisher everywhere, the usual protocol of ``.
   before it (sequential calibration, the pipeline's default);
 - ``sequential + refit``: the same with the closed-form refit of ``up`` onto the dense outputs;
 - ``sequential + float32 SVD``: the default with each projection's SVD in float32 (statistics and
-  whitening stay float64), the precision a GPU run may choose.
+  whitening stay float64), the precision a GPU run may choose;
+- ``sequential + output whitening``: the default with ``output_whitening="gradient"`` (outputs whitened
+  by the loss-gradient covariance, K-FAC's output factor) over all 16 calibration windows.
 (Sequential with sequential calibration off gives the whole path's factors; the tests prove that.)
 
 Pass 1 of the sequential pipeline (every projection's loss-cost curve, on the dense model) depends
@@ -24,7 +26,9 @@ import argparse
 import copy
 import gc
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,14 +42,21 @@ VARIANTS = {
     "sequential + refit": dict(pipeline="sequential", sequential_calibration=True, refit_up=True),
     "sequential + float32 SVD": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
                                     svd_dtype="float32"),
+    "sequential + output whitening": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
+                                          output_whitening="gradient", sensitivity_samples=16),
 }
+
+
+def _pass_one_key(config) -> tuple:
+    """What pass 1's result depends on among the variants (the rest is common to every run)."""
+    return (config.svd_dtype, config.output_whitening, config.sensitivity_samples)
 
 
 class ReusedPassOne:
     """Patches ``SequentialPipeline._cost_curves`` to compute pass 1 once and return it to later runs.
 
     Valid here because every run starts from the same dense model, calibration windows and method;
-    a variant with another SVD precision gets its own pass 1.
+    a variant with another SVD precision or output whitening gets its own pass 1.
     """
 
     def __init__(self):
@@ -53,13 +64,21 @@ class ReusedPassOne:
 
         self.owner, self.original = SequentialPipeline, SequentialPipeline._cost_curves
         self.result, self.seconds, self.key = None, 0.0, None
+        self.kept = Path(tempfile.mkdtemp(prefix="asvd-pass-one-")) / "covariances"
 
     def __enter__(self):
         def cost_curves(pipeline, hidden, calls, shapes):
-            if self.result is None or self.key != pipeline.config.svd_dtype:
+            key = _pass_one_key(pipeline.config)
+            store = pipeline._covariances  # pass 1's output-gradient covariances, read by pass 2
+            if self.result is None or self.key != key:
                 tick = time.perf_counter()
                 self.result = self.original(pipeline, hidden, calls, shapes)
-                self.seconds, self.key = time.perf_counter() - tick, pipeline.config.svd_dtype
+                self.seconds, self.key = time.perf_counter() - tick, key
+                shutil.rmtree(self.kept, ignore_errors=True)
+                if store is not None:
+                    shutil.copytree(store.folder, self.kept)
+            elif store is not None:
+                shutil.copytree(self.kept, store.folder, dirs_exist_ok=True)
             return self.result
 
         self.owner._cost_curves = cost_curves
@@ -67,6 +86,7 @@ class ReusedPassOne:
 
     def __exit__(self, *exc):
         self.owner._cost_curves = self.original
+        shutil.rmtree(self.kept.parent, ignore_errors=True)
 
 
 def main() -> int:
@@ -121,10 +141,10 @@ def main() -> int:
         for variant in [v for v in variants if v != "whole"]:
             for ratio in ratios:
                 copy_ = copy.deepcopy(model)
-                reused = pass_one.result is not None and pass_one.key == VARIANTS[variant].get("svd_dtype", "float64")
+                config = ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib)
+                reused = pass_one.result is not None and pass_one.key == _pass_one_key(config)
                 tick = time.perf_counter()
-                report = ASVDCompressor(copy_, tokenizer).compress(
-                    ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib), progress=False)
+                report = ASVDCompressor(copy_, tokenizer).compress(config, progress=False)
                 seconds = time.perf_counter() - tick - (0.0 if reused else pass_one.seconds)  # pass 2 alone
                 result = perplexity(copy_, tokenizer, test, args.seqlen, args.windows, progress=False)
                 rows.append(dict(variant=variant, ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],

@@ -18,11 +18,18 @@ from .budget import greedy_plan
 
 
 def loss_cost_curve(svd: ScaledSVD, fisher: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
-    """``curve[r]`` = predicted loss increase when keeping rank r (curve[max_rank] = 0)."""
+    """``curve[r]`` = predicted loss increase when keeping rank r (curve[max_rank] = 0).
+
+    For an SVD whitened on the output side by the gradient covariance (``svd.output_root``) the
+    discarded σ_k² already are loss units: ½·E[δyᵀ·G·δy] summed over directions (the ½ is common to all).
+    """
     energy = svd.sigma.pow(2)
-    weighted = svd.u * fisher.to(svd.u.device, svd.u.dtype).sqrt()[:, None]  # one out × k temporary
-    output_weight = weighted.mul_(weighted).sum(0)  # u_kᵀ F u_k
-    del weighted
+    if svd.output_root is not None:
+        output_weight = torch.ones_like(energy)  # the SVD already weighs outputs by the loss metric
+    else:
+        weighted = svd.u * fisher.to(svd.u.device, svd.u.dtype).sqrt()[:, None]  # one out × k temporary
+        output_weight = weighted.mul_(weighted).sum(0)  # u_kᵀ F u_k
+        del weighted
     if gram is not None and not isinstance(svd.scaling, WhiteningScaling):
         directions = svd.scaling.unapply(svd.vh)  # rows m_k = v_kᵀ S⁻¹
         input_weight = ((directions @ gram.to(directions.device)) * directions).sum(1)  # m_k G m_kᵀ

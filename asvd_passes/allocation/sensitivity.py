@@ -13,15 +13,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def output_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean over tokens of (∂ mean-token-loss / ∂ output)² per output channel, for each named module."""
+def output_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, progress: bool = True,
+                  covariance: bool = False) -> dict[str, torch.Tensor]:
+    """Mean over tokens of (∂ mean-token-loss / ∂ output)² per output channel, for each named module;
+    with ``covariance``, the whole out × out matrix E[g·gᵀ] (its diagonal is the former)."""
     sums = {name: None for name in names}
     tokens = 0
     handles = []
 
     def make_hook(name):
         def record(grad):
-            flat = grad.detach().reshape(-1, grad.shape[-1]).double().pow(2).sum(0)
+            flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+            flat = flat.T @ flat if covariance else flat.pow(2).sum(0)
             sums[name] = flat if sums[name] is None else sums[name] + flat
 
         def hook(module, inputs, output):

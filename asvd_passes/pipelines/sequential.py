@@ -36,7 +36,7 @@ from ..allocation.block_cache import decoder_layers
 from ..allocation.budget import greedy_plan
 from ..allocation.fisher import loss_cost_curve
 from ..config import ASVDConfig
-from ..decompose import ScaledSVD
+from ..decompose import ScaledSVD, output_root
 from ..errors import InvalidInputError
 from ..graph import InsertObserversPass, LowRankRewritePass, RemoveObserversPass, find_projections, group_by_input
 from ..graph.observers import PairedInputStatistics
@@ -76,10 +76,11 @@ class _ActivationStore:
     def __init__(self, folder: Path | None):
         self.folder = Path(tempfile.mkdtemp(prefix="asvd-activations-", dir=folder))
 
-    def put(self, index: int, tensors: list[torch.Tensor]) -> None:
-        torch.save([t.cpu() for t in tensors], self.folder / f"block-{index:05d}.pt")
+    def put(self, index: int, tensors) -> None:
+        """A list or dict of tensors, saved on the CPU."""
+        torch.save(torch.utils._pytree.tree_map(lambda t: t.cpu(), tensors), self.folder / f"block-{index:05d}.pt")
 
-    def get(self, index: int) -> list[torch.Tensor]:
+    def get(self, index: int):
         return torch.load(self.folder / f"block-{index:05d}.pt", weights_only=True)
 
     def close(self) -> None:
@@ -203,17 +204,33 @@ class SequentialPipeline:
         shapes = self._survey(hidden[0], calls[0]) if self.config.compresses_weights else {}
         needs_curves = (self.config.compresses_weights and self.config.allocation == "fisher" and not
                         (self.config.ranks and self.config.param_ratio is None)) or (
-            self.kv_layouts is not None and self.config.kv_allocation == "fisher")
-        curves, kv_costs = self._cost_curves(hidden, calls, shapes) if needs_curves else ({}, {})
-        plan = self._plan(shapes, curves)
-        kv_plan = self._kv_plan(kv_costs)
-        self.seconds["allocate"] = time.perf_counter() - tick
-        self.weights.release_rest(self.prefix)  # pass 2 runs blocks only (done already where pass 1 ran)
+            self.kv_layouts is not None and self.config.kv_allocation == "fisher") or self._output_whitening
+        # Pass 1 keeps each block's output-gradient covariances on disk for pass 2 (out² floats per projection).
+        self._covariances = _ActivationStore(self.offload_folder) if self._output_whitening else None
+        try:
+            curves, kv_costs = self._cost_curves(hidden, calls, shapes) if needs_curves else ({}, {})
+            plan = self._plan(shapes, curves)
+            kv_plan = self._kv_plan(kv_costs)
+            self.seconds["allocate"] = time.perf_counter() - tick
+            self.weights.release_rest(self.prefix)  # pass 2 runs blocks only (done already where pass 1 ran)
 
-        tick = time.perf_counter()
-        self._factor(hidden, calls, plan, kv_plan)
-        self.seconds["factor"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            self._factor(hidden, calls, plan, kv_plan)
+            self.seconds["factor"] = time.perf_counter() - tick
+        finally:
+            if self._covariances is not None:
+                self._covariances.close()
         return SequentialResult(plan, kv_plan, shapes, self.seconds)
+
+    @property
+    def _output_whitening(self) -> bool:
+        return self.config.compresses_weights and self.config.output_whitening == "gradient"
+
+    def _output_root(self, covariances: dict, name: str):
+        """R with R·Rᵀ = the damped output-gradient covariance of ``name`` (taken out of ``covariances``)."""
+        if name not in covariances:
+            return None
+        return output_root(covariances.pop(name).to(self.device, torch.float64), self.config.output_damping)
 
     def _plan(self, shapes, curves) -> RankPlan:
         config = self.config
@@ -290,26 +307,31 @@ class SequentialPipeline:
                 inputs = store.get(index)
                 _, selected, observed, statistics, _ = self._observe(index, block, inputs, calls[index])
                 names = [p.name for p in observed]
-                fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index])
+                covariance = {p.name for p in selected} if self._output_whitening else set()
+                fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index], covariance)
+                # Kept in float32 (on disk until pass 2); pass 1 factors the same rounded values.
+                covariances = {name: fisher.pop(name).float() for name in covariance}
+                if covariance:
+                    self._covariances.put(index, covariances)
                 layouts = self._block_layouts(index)
                 for group, scalings in self._scalings(statistics, selected, observed, layouts):
                     for p in group:
                         if p.name not in shapes:
                             continue
                         svd = ScaledSVD.of(projection_weight(self.model.get_submodule(p.name)), scalings[p.name],
-                                           config.svd_torch_dtype)
+                                           config.svd_torch_dtype, self._output_root(covariances, p.name))
                         stats = statistics.get(p.name)
                         # The curve reads XᵀX only for diagonal/identity scalings (whitening already holds it).
                         gram = (stats.gram / stats.count if stats is not None and stats.gram is not None
                                 and not isinstance(scalings[p.name], WhiteningScaling) else None)
-                        curves[p.name] = loss_cost_curve(svd, fisher[p.name], gram).tolist()
+                        curves[p.name] = loss_cost_curve(svd, fisher.get(p.name), gram).tolist()
                         del svd
                         if not layouts:  # the KV pass reads q/o weights for its metrics
                             self.weights.discard(self.model.get_submodule(p.name))
                 if layouts and config.kv_allocation == "fisher":
                     svds = self._kv_svds(layouts, scalings, statistics)
                     kv_costs.update(kv.plan.fisher_kv_costs(layouts, svds, fisher, statistics, self.group_size))
-                del statistics, scalings, inputs
+                del statistics, scalings, inputs, covariances
                 self._release(prefix, layer, self._storage_dtype)
         finally:
             store.close()
@@ -364,14 +386,16 @@ class SequentialPipeline:
                 grad[:, start:stop] += leaf.grad
         return grad.cpu()
 
-    def _block_fisher(self, block, prefix, names, inputs, grads, call):
-        """Diagonal Fisher of each named projection's output in one block, and the gradient at its input."""
+    def _block_fisher(self, block, prefix, names, inputs, grads, call, covariance=frozenset()):
+        """Diagonal Fisher of each named projection's output in one block (for names in ``covariance``
+        the whole matrix E[g·gᵀ]), and the gradient at the block's input."""
         sums: dict[str, torch.Tensor] = {}
         handles = []
 
         def make_hook(name):
             def record(grad):
-                flat = grad.detach().reshape(-1, grad.shape[-1]).double().pow(2).sum(0).cpu()
+                flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+                flat = (flat.T @ flat if name in covariance else flat.pow(2).sum(0)).cpu()
                 sums[name] = flat if name not in sums else sums[name] + flat
 
             def hook(module, args, output):
@@ -462,6 +486,7 @@ class SequentialPipeline:
                 with torch.no_grad():  # the dense block's outputs feed the next block
                     dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
             replacements = {}
+            covariances = self._covariances.get(index) if self._output_whitening else {}
             for group, scalings in self._scalings(statistics, selected, observed, layouts):
                 for p in group:
                     rank = plan.ranks.get(p.name)
@@ -469,7 +494,8 @@ class SequentialPipeline:
                         continue
                     dense = self.model.get_submodule(p.name)
                     weight = projection_weight(dense)
-                    svd = ScaledSVD.of(weight, scalings[p.name], config.svd_torch_dtype)
+                    svd = ScaledSVD.of(weight, scalings[p.name], config.svd_torch_dtype,
+                                       self._output_root(covariances, p.name))
                     down, up = svd.factors(rank)
                     del svd
                     if refit:

@@ -18,7 +18,7 @@ from .. import kv
 from ..allocation import fisher_plan, measure_sensitivities, output_fisher, strs_plan
 from ..allocation.strs import load_or_measure, model_fingerprint, sensitivity_key
 from ..config import ASVDConfig
-from ..decompose import ScaledSVD
+from ..decompose import ScaledSVD, output_root
 from ..errors import InvalidInputError
 from ..graph import (
     InsertObserversPass,
@@ -151,9 +151,18 @@ class WholeModelPipeline:
         tick = time.perf_counter()
         scalings = shared_scalings(config.method, statistics, list(shapes) + kv_sources, config.alpha,
                                    config.asvd_statistic)
+        roots, cache = {}, {}
+        if config.output_whitening == "gradient" and shapes:
+            covariances = output_fisher(model, list(shapes), windows[: config.sensitivity_samples], progress=progress,
+                                        covariance=True)
+            roots = {name: output_root(g, config.output_damping) for name, g in covariances.items()}
+            if layouts is None:  # the weight plan's Fisher is the covariances' diagonal: no second set of passes
+                cache["fisher"] = {name: g.diagonal().clone() for name, g in covariances.items()}
+            del covariances
         svds = {}
         for name in tqdm(shapes, desc="decompose", disable=not progress):
-            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scalings[name], config.svd_torch_dtype)
+            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scalings[name], config.svd_torch_dtype,
+                                      roots.get(name))
         kv_svds, group_size = {}, None
         if layouts is not None:
             group_size = kv.resolve_group_size(layouts, config.kv_group_size)
@@ -169,7 +178,7 @@ class WholeModelPipeline:
         return Analysis(
             windows, shapes, statistics, svds, seconds,
             calibration_source if isinstance(calibration_source, (str, type(None))) else "tensor",
-            kv_layouts=layouts, kv_svds=kv_svds, kv_group_size=group_size,
+            kv_layouts=layouts, kv_svds=kv_svds, kv_group_size=group_size, _cache=cache,
         )
 
     def plan(self, analysis: Analysis, config: ASVDConfig) -> tuple[RankPlan, "kv.KVPlan | None", float]:

@@ -335,3 +335,23 @@ def test_float32_svd_gives_the_float64_model(pipeline, tiny_model, tokens):
     assert ranks64 == ranks32
     assert any(not torch.equal(factors64[name][0], factors32[name][0]) for name in factors64)  # it did run in float32
     torch.testing.assert_close(logits32, logits64, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_output_whitening_sequential_without_calibration_matches_the_whole_path(family, tiny_model, tokens):
+    """``output_whitening="gradient"``: the block-by-block gradient covariances (kept on disk between the
+    passes, in float32) give the whole path's ranks and factors; the factors differ from the plain run's."""
+    windows = tokens(4, 16)
+    factors, ranks = [], []
+    for pipeline, whitening in (("whole", "gradient"), ("sequential", "gradient"), ("whole", "none")):
+        compressor = ASVDCompressor(tiny_model(family))
+        report = compressor.compress(
+            ASVDConfig(param_ratio=0.7, pipeline=pipeline, sequential_calibration=False, output_whitening=whitening,
+                       **SMALL), calibration=windows, progress=False)
+        factors.append({name: up @ down for name, (down, up) in _factors(compressor.model).items()})
+        ranks.append(report.ranks)
+    assert ranks[0] == ranks[1] and factors[0].keys() == factors[1].keys() and factors[0]
+    for name, product in factors[0].items():
+        torch.testing.assert_close(factors[1][name], product, rtol=0, atol=1e-4)
+    shared = [name for name in factors[0] if name in factors[2]]
+    assert any((factors[0][name] - factors[2][name]).abs().max() > 1e-3 for name in shared)
