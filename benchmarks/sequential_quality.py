@@ -168,7 +168,8 @@ def write_outputs(args, dense, rows, description) -> None:
     lines = [
         f"{description}; CPU (2 cores). Perplexity: WikiText-2 test, seqlen {args.seqlen}, {dense['windows']} windows "
         f"({dense['tokens']} tokens); dense **{dense['ppl']:.2f}** in the same run. Calibration: 16×{args.seqlen} "
-        f"validation windows, seed 0. whiten + fisher (4 windows for sensitivities). Ratio: parameters of the "
+        f"validation windows, seed 0. whiten + fisher (4 windows for sensitivities; the output-whitening rows use "
+        f"all 16 for the Fisher and the gradient covariance, damping 0.1). Ratio: parameters of the "
         f"selected projections (achieved within one rank step).",
         "",
         "| param ratio | " + " | ".join(variants) + " |",
@@ -184,7 +185,8 @@ def write_outputs(args, dense, rows, description) -> None:
             times.append(f"{v} {min(seconds):.0f}–{max(seconds):.0f} s")
     lines.append("")
     lines.append("Compression time per run on this CPU: " + "; ".join(times) + " (whole: allocation and factoring "
-                 "plus the one analysis it shares; sequential: pass 2 plus one pass 1).")
+                 "plus the one analysis it shares; sequential: pass 2 plus one pass 1; wall times on a shared "
+                 "2-core CPU, comparable only between rows that ran alone).")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
