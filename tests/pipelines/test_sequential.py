@@ -221,13 +221,13 @@ def test_offloaded_run_frees_each_dense_weight_once_factored(tiny_model, tokens,
         pipelines.append(self)
         return run(self)
 
-    def spy(weight, scaling, dtype=torch.float64):
+    def spy(weight, scaling, *args):
         layers = pipelines[-1].layers
         block = next(l for l in layers if any(p.device.type != "meta" for p in l.parameters()))
         dense_at_svd.append(sorted(name for name, module in block.named_modules()
                                    if isinstance(module, torch.nn.Linear) and name.count(".") == 1
                                    and module.weight.device.type != "meta"))
-        return of(weight, scaling, dtype)
+        return of(weight, scaling, *args)
 
     monkeypatch.setattr(sequential.ScaledSVD, "of", spy)
     monkeypatch.setattr(SequentialPipeline, "run", keep)
