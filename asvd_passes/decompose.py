@@ -37,8 +37,6 @@ class ScaledSVD:
         if output_root is not None:
             weight = output_root.to(weight.device, torch.float64).T @ weight
         scaled = scaling.apply(weight)
-        if scaled.data_ptr() == weight.data_ptr():
-            scaled = scaled.clone()  # the products below overwrite it in place; never the caller's weight
         del weight
         if dtype != torch.float64:
             # Squaring the condition number would cost single precision the small kept σ: a real SVD.
@@ -50,12 +48,12 @@ class ScaledSVD:
             eigenvalues, u = torch.linalg.eigh(scaled @ scaled.T)
             u = u.flip(1)
             sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
-            vh = _left_multiply_in_place(u.T, scaled).div_(_safe(sigma)[:, None])  # rows σ_k·v_kᵀ, normalised
+            vh = (u.T @ scaled).div_(_safe(sigma)[:, None])  # rows σ_k·v_kᵀ, normalised (in place: out × in)
         else:
             eigenvalues, v = torch.linalg.eigh(scaled.T @ scaled)
             v = v.flip(1)
             sigma = eigenvalues.flip(0).clamp_min(0).sqrt()
-            u = _left_multiply_in_place(v.T, scaled.T).T.div_(_safe(sigma)[None, :])  # = scaled·v, in scaled's buffer
+            u = (scaled @ v).div_(_safe(sigma)[None, :])
             vh = v.T
         return cls(u, sigma, vh, scaling, output_root)
 
@@ -69,18 +67,6 @@ class ScaledSVD:
         if self.output_root is not None:
             up = torch.linalg.solve_triangular(self.output_root.to(up.device, up.dtype).T, up, upper=True)
         return down, up
-
-
-def _left_multiply_in_place(left: torch.Tensor, matrix: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """``left @ matrix`` written over ``matrix`` (``left`` square), a block of columns at a time.
-
-    Column block j of the product reads only column block j of ``matrix``, so one out × chunk
-    temporary replaces a second matrix of the full size (92 MB for a 2048 × 5632 float64 one).
-    """
-    for start in range(0, matrix.shape[1], chunk):
-        block = matrix[:, start : start + chunk]
-        block.copy_(left @ block)
-    return matrix
 
 
 def _safe(sigma: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 Rows, per parameter ratio (whiten + fisher everywhere, the usual protocol of ``../shared/data/README.md``):
 - ``whole``: the whole-model path (today's default where the model fits), one analysis for all ratios;
-- ``whole + output whitening``: the same with ``output_whitening="gradient"`` over 16 windows;
 - ``sequential``: block by block, each block observed on the outputs of the compressed blocks
   before it (sequential calibration, the pipeline's default);
 - ``sequential + refit``: the same with the closed-form refit of ``up`` onto the dense outputs;
@@ -38,8 +37,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is instal
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 VARIANTS = {
-    "whole": dict(pipeline="whole"),
-    "whole + output whitening": dict(pipeline="whole", output_whitening="gradient", sensitivity_samples=16),
+    "whole": None,
     "sequential": dict(pipeline="sequential", sequential_calibration=True, refit_up=False),
     "sequential + refit": dict(pipeline="sequential", sequential_calibration=True, refit_up=True),
     "sequential + float32 SVD": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
@@ -123,15 +121,15 @@ def main() -> int:
     print(json.dumps(dict(dense=dense)), flush=True)
     rows = []
 
-    for variant in [v for v in variants if VARIANTS[v]["pipeline"] == "whole"]:
+    if "whole" in variants:
         tick = time.perf_counter()
-        analysis = compressor.analyze(ASVDConfig(param_ratio=0.9, **VARIANTS[variant], **calib), progress=False)
+        analysis = compressor.analyze(ASVDConfig(param_ratio=0.9, pipeline="whole", **calib), progress=False)
         analysis_seconds = time.perf_counter() - tick
         dense_modules = {name: model.get_submodule(name) for name in analysis.shapes}
         for ratio in ratios:
-            report = compressor.apply(analysis, ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib), progress=False)
+            report = compressor.apply(analysis, ASVDConfig(param_ratio=ratio, pipeline="whole", **calib), progress=False)
             result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
-            rows.append(dict(variant=variant, ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],
+            rows.append(dict(variant="whole", ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],
                              seconds=report.seconds["compress"], pass_one_seconds=analysis_seconds))
             print(json.dumps(rows[-1]), flush=True)
             for name, module in dense_modules.items():
@@ -140,7 +138,7 @@ def main() -> int:
         del analysis, dense_modules
 
     with ReusedPassOne() as pass_one:
-        for variant in [v for v in variants if VARIANTS[v]["pipeline"] != "whole"]:
+        for variant in [v for v in variants if v != "whole"]:
             for ratio in ratios:
                 copy_ = copy.deepcopy(model)
                 config = ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib)
