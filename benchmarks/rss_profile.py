@@ -28,20 +28,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def rss_gib() -> float:
+def _status_gib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now; VmHWM: the kernel's peak so far), in GiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024**2
     return float("nan")
+
+
+def rss_gib() -> float:
+    return _status_gib("VmRSS")
 
 
 def high_water_gib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024**2
-    return float("nan")
+    return _status_gib("VmHWM")
 
 
 def watch_high_water(log: list) -> None:

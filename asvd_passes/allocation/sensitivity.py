@@ -13,6 +13,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def gradient_moment(grad: torch.Tensor, covariance: bool) -> torch.Tensor:
+    """Σ over tokens of g² per output channel, or of g·gᵀ (out × out) with ``covariance``, in float64."""
+    flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+    return flat.T @ flat if covariance else flat.pow(2).sum(0)
+
+
 def output_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, progress: bool = True,
                   covariance: bool = False) -> dict[str, torch.Tensor]:
     """Mean over tokens of (∂ mean-token-loss / ∂ output)² per output channel, for each named module;
@@ -23,8 +29,7 @@ def output_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, pro
 
     def make_hook(name):
         def record(grad):
-            flat = grad.detach().reshape(-1, grad.shape[-1]).double()
-            flat = flat.T @ flat if covariance else flat.pow(2).sum(0)
+            flat = gradient_moment(grad, covariance)
             sums[name] = flat if sums[name] is None else sums[name] + flat
 
         def hook(module, inputs, output):

@@ -35,6 +35,7 @@ from .. import kv
 from ..allocation.block_cache import decoder_layers
 from ..allocation.budget import greedy_plan
 from ..allocation.fisher import loss_cost_curve
+from ..allocation.sensitivity import gradient_moment
 from ..config import ASVDConfig
 from ..decompose import ScaledSVD, output_root
 from ..errors import InvalidInputError
@@ -394,8 +395,7 @@ class SequentialPipeline:
 
         def make_hook(name):
             def record(grad):
-                flat = grad.detach().reshape(-1, grad.shape[-1]).double()
-                flat = (flat.T @ flat if name in covariance else flat.pow(2).sum(0)).cpu()
+                flat = gradient_moment(grad, name in covariance).cpu()
                 sums[name] = flat if name not in sums else sums[name] + flat
 
             def hook(module, args, output):
