@@ -47,16 +47,7 @@ from ..refit import refit_up
 from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them, so RSS would creep up block after block)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc (macOS, musl): nothing to trim
+from .heap import map_large_allocations, return_freed_memory
 
 
 class SequentialPipelineError(InvalidInputError):
@@ -131,7 +122,7 @@ class SequentialPipeline:
         # Captured graphs hold the block's tensors inside reference cycles (graph <-> nodes <-> module);
         # without a collection they outlive the block, and memory grows with the depth.
         gc.collect()
-        _return_freed_memory()
+        return_freed_memory()
 
     def _feed(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.compute_dtype)
@@ -196,6 +187,7 @@ class SequentialPipeline:
     # -- passes ----------------------------------------------------------------------------------
 
     def run(self) -> SequentialResult:
+        map_large_allocations()  # freed block-sized host buffers go back to the OS (pipelines/heap.py)
         tick = time.perf_counter()
         hidden, calls = record_block_inputs(self.model, self.windows, self.device)
         calls = [call.to(self.device, self.compute_dtype) for call in calls]
