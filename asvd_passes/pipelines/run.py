@@ -13,6 +13,7 @@ from ..errors import InvalidInputError
 from ..report import build_report, model_params, quantization_config
 from ..serialization import atomic_directory
 from .blocks import block_prefix
+from .heap import map_large_allocations
 from .memory import check_budget, empty_model, estimate, resolve_device
 from .sequential import SequentialPipeline
 from .weights import ResidentWeights, ShardedWeights, ShardWriter
@@ -22,6 +23,7 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     """Compress with :class:`SequentialPipeline`; returns the ``CompressionReport``."""
     from ..compressor import write_side_files
     start = time.perf_counter()
+    map_large_allocations()  # from loading on, freed block-sized buffers leave the process (heap.py)
     device = resolve_device(config.device)
     # Read block by block from the shards when the model is not in memory yet and the output can be
     # written as it is made; without save_dir the compressed model must end up in memory anyway.

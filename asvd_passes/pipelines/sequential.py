@@ -47,7 +47,7 @@ from ..refit import refit_up
 from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
-from .heap import map_large_allocations, return_freed_memory
+from .heap import return_freed_memory
 
 
 class SequentialPipelineError(InvalidInputError):
@@ -187,7 +187,6 @@ class SequentialPipeline:
     # -- passes ----------------------------------------------------------------------------------
 
     def run(self) -> SequentialResult:
-        map_large_allocations()  # freed block-sized host buffers go back to the OS (pipelines/heap.py)
         tick = time.perf_counter()
         hidden, calls = record_block_inputs(self.model, self.windows, self.device)
         calls = [call.to(self.device, self.compute_dtype) for call in calls]
