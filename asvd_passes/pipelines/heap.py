@@ -10,11 +10,13 @@ keeps it from rising. Elsewhere (macOS, musl) these are no-ops.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 LARGE_ALLOCATION = 1 << 20
 
 
+@functools.lru_cache(maxsize=None)  # loaded once; return_freed_memory runs after every block
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")
