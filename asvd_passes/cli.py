@@ -59,6 +59,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "(K-FAC's output factor; the SVD then minimises the predicted loss increase)")
     parser.add_argument("--output-damping", type=float, default=0.1,
                         help="damping of the output-gradient covariance, times its mean diagonal")
+    parser.add_argument("--lowrank-form", choices=["interpolative", "pair"], default=None,
+                        help="storage of each factored projection: interpolative (r rows of the matrix plus "
+                             "combinations of them, r·(in+out−r) parameters; the default) or pair (two factors, "
+                             "r·(in+out), the default for strs)")
 
 
 def compress_config(args: argparse.Namespace):
@@ -101,6 +105,7 @@ def compress_config(args: argparse.Namespace):
         svd_dtype=args.svd_dtype,
         output_whitening=args.output_whitening,
         output_damping=args.output_damping,
+        lowrank_form=args.lowrank_form,
     )
 
 

@@ -16,6 +16,7 @@ PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 SVD_DTYPES = ("float64", "float32")
 OUTPUT_WHITENINGS = ("none", "gradient")
+LOWRANK_FORMS = ("interpolative", "pair")
 
 
 class ASVDConfig(BaseConfig):
@@ -56,6 +57,11 @@ class ASVDConfig(BaseConfig):
             (K-FAC's output factor): the SVD is of R_Gᵀ·W·S, so truncation minimises the predicted loss
             increase instead of the output error; ``none`` (default) keeps the plain scaled SVD.
         output_damping: G + damping·mean(diag G)·I is factored (G from a few windows is rank-deficient).
+        lowrank_form: how each factored projection is stored (``LowRankLinear``): ``interpolative``
+            keeps r rows of the rank-r matrix and writes the other rows as combinations of them,
+            r·(in + out − r) parameters; ``pair`` is the papers' two factors, r·(in + out). The matrix
+            at a given rank is the same; the budget buys a higher rank in the interpolative form.
+            ``None`` (default): ``interpolative``, except ``pair`` for ``strs`` (ASVD's reproduction).
         kv_equal_widths: ``fisher`` KV plan with one rank for K and V of each group (what a cache of
             equal K/V widths needs without the ``--genai`` export's packing; costs quality, see docs/DEPLOY.md).
     """
@@ -94,6 +100,7 @@ class ASVDConfig(BaseConfig):
         svd_dtype: str = "float64",
         output_whitening: str = "none",
         output_damping: float = 0.1,
+        lowrank_form: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -128,6 +135,7 @@ class ASVDConfig(BaseConfig):
         self.svd_dtype = svd_dtype
         self.output_whitening = output_whitening
         self.output_damping = output_damping
+        self.lowrank_form = lowrank_form
         self.validate()
 
     def validate(self) -> None:
@@ -146,6 +154,12 @@ class ASVDConfig(BaseConfig):
         if self.output_whitening not in OUTPUT_WHITENINGS:
             raise InvalidInputError(
                 f"Unknown output_whitening {self.output_whitening!r}; choose one of {', '.join(OUTPUT_WHITENINGS)}")
+        if self.lowrank_form is not None and self.lowrank_form not in LOWRANK_FORMS:
+            raise InvalidInputError(
+                f"Unknown lowrank_form {self.lowrank_form!r}; choose one of {', '.join(LOWRANK_FORMS)}")
+        if self.lowrank_form == "interpolative" and self.allocation == "strs":
+            raise InvalidInputError("allocation 'strs' reproduces ASVD with the papers' two factors: "
+                                    "use lowrank_form 'pair' (the default for strs)")
         if not float(self.output_damping) > 0:
             raise InvalidInputError(f"output_damping must be positive, got {self.output_damping}")
         if self.max_memory is not None and not float(self.max_memory) > 0:
@@ -188,6 +202,12 @@ class ASVDConfig(BaseConfig):
         if self.method == "whiten" or weights_fisher or kv_fisher:
             needed.append("gram")
         return tuple(needed)
+
+    @property
+    def interpolative(self) -> bool:
+        """Whether factored projections are stored in the interpolative form (see ``lowrank_form``)."""
+        form = self.lowrank_form or ("pair" if self.allocation == "strs" else "interpolative")
+        return form == "interpolative"
 
     @property
     def svd_torch_dtype(self):

@@ -20,7 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import InvalidInputError
-from .modules import projection_shape, replace_with_empty_lowrank
+from .modules import interpolative_form, projection_shape, replace_with_empty_lowrank
 
 QUANT_METHOD = "asvd"
 
@@ -68,12 +68,17 @@ class ASVDHfQuantizer(HfQuantizer):
                     extra = kv.expected_kv_shapes(model, layouts, kv_plan)
                 except ValueError as err:
                     raise CorruptCompressedModelError(str(err)) from err
-            check_checkpoint(model, ranks, checkpoint_files, extra)
+            check_checkpoint(model, ranks, checkpoint_files, extra, self.interpolative)
         # K/V first: the latent attention adopts the dense q/o projections, which the ranks may then factor.
         if kv_plan is not None:
             kv.replace_with_empty_latent(model, layouts, kv_plan)
-        replace_with_empty_lowrank(model, ranks)
+        replace_with_empty_lowrank(model, ranks, self.interpolative)
         return model
+
+    @property
+    def interpolative(self) -> bool:
+        """Folders written before the interpolative form existed record no form: they hold pairs."""
+        return getattr(self.quantization_config, "lowrank_form", "pair") == "interpolative"
 
     def is_serializable(self, **kwargs):
         return True
@@ -83,7 +88,7 @@ class ASVDHfQuantizer(HfQuantizer):
         return True
 
 
-def expected_factor_shapes(model, ranks: dict[str, int]) -> dict[str, tuple[int, ...]]:
+def expected_factor_shapes(model, ranks: dict[str, int], interpolative: bool = False) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, rank in ranks.items():
         try:
@@ -92,13 +97,21 @@ def expected_factor_shapes(model, ranks: dict[str, int]) -> dict[str, tuple[int,
             raise CorruptCompressedModelError(f"ASVD config names {name!r}, which this model does not have") from err
         out_features, in_features = projection_shape(dense)
         shapes[f"{name}.down.weight"] = (rank, in_features)
-        shapes[f"{name}.up.weight"] = (out_features, rank)
-        if getattr(dense, "bias", None) is not None:
-            shapes[f"{name}.up.bias"] = (out_features,)
+        has_bias = getattr(dense, "bias", None) is not None
+        if interpolative_form(rank, out_features, interpolative):
+            shapes[f"{name}.up.weight"] = (out_features - rank, rank)
+            shapes[f"{name}.rows"] = (out_features,)
+            if has_bias:
+                shapes[f"{name}.bias"] = (out_features,)
+        else:
+            shapes[f"{name}.up.weight"] = (out_features, rank)
+            if has_bias:
+                shapes[f"{name}.up.bias"] = (out_features,)
     return shapes
 
 
-def check_checkpoint(model, ranks: dict[str, int], checkpoint_files, extra: dict | None = None) -> None:
+def check_checkpoint(model, ranks: dict[str, int], checkpoint_files, extra: dict | None = None,
+                     interpolative: bool = False) -> None:
     """Raise :class:`CorruptCompressedModelError` unless the files hold every factor, at its shape."""
     from safetensors import safe_open
 
@@ -113,7 +126,7 @@ def check_checkpoint(model, ranks: dict[str, int], checkpoint_files, extra: dict
         except Exception as err:  # safetensors raises its own error types for a damaged header
             raise CorruptCompressedModelError(f"{file} is not a readable safetensors file: {err}") from err
     folder = Path(checkpoint_files[0]).parent
-    expected = expected_factor_shapes(model, ranks)
+    expected = expected_factor_shapes(model, ranks, interpolative)
     expected.update(extra or {})
     missing = sorted(key for key in expected if key not in stored)
     wrong = sorted(

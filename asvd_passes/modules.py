@@ -9,9 +9,16 @@ from .errors import InvalidInputError
 
 
 class LowRankLinear(nn.Module):
-    """``y = up(down(x))`` with ``down: in -> rank`` (no bias) and ``up: rank -> out`` (keeps the bias).
+    """A rank-r projection ``y = W'·x`` stored as two thin linears; the scaling S⁻¹ is folded into ``down``.
 
-    The activation scaling S⁻¹ is already folded into ``down``; nothing else happens at run time.
+    Two storage forms of the same rank-r matrix W' = U·D (U: out × r, D: r × in):
+
+    * pair: ``down`` = D, ``up`` = U, ``y = up(down(x))``: r·(in + out) parameters (the form of the
+      ASVD and SVD-LLM papers).
+    * interpolative (``interpolative=True``): r rows of W' (chosen by pivoted LU of U) are stored as
+      ``down`` and every other row as a combination of them, ``up`` (out − r) × r; ``rows`` puts the
+      outputs back in order: ``y = [down(x), up(down(x))][rows]``. The same matrix in r·(in + out − r)
+      parameters (r² fewer), so a parameter budget buys a higher rank. Needs r < out.
     """
 
     def __init__(
@@ -22,42 +29,94 @@ class LowRankLinear(nn.Module):
         bias: bool,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        interpolative: bool = False,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
+        self.interpolative = interpolative_form(rank, out_features, interpolative)
         self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        if self.interpolative:
+            self.up = nn.Linear(rank, out_features - rank, bias=False, dtype=dtype, device=device)
+            # Output j is entry rows[j] of [down(x), up(down(x))]: saved with the weights (out int32s).
+            self.register_buffer("rows", torch.arange(out_features, dtype=torch.int32, device=device))
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        else:
+            self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        if not self.interpolative:
+            return self.up(self.down(x))
+        skeleton = self.down(x)
+        y = torch.cat([skeleton, self.up(skeleton)], dim=-1).index_select(-1, self.rows)
+        return y if self.bias is None else y + self.bias
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense (out × in) matrix ``up.weight @ down.weight``, computed on each access.
+        """The dense (out × in) matrix the factors stand for, computed on each access.
 
         Read-only, for code that inspects a projection's ``.weight`` in place of the dense module
         it replaced: e.g. transformers' GPT-2 ``_init_weights`` reads ``attn.c_proj.weight`` while
         ``from_pretrained`` loads a compressed folder. Writing into the returned tensor changes nothing.
         """
         with torch.no_grad():
-            return self.up.weight @ self.down.weight
+            product = self.up.weight @ self.down.weight
+            if not self.interpolative:
+                return product
+            return torch.cat([self.down.weight, product]).index_select(0, self.rows)
 
     @classmethod
-    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, dtype, device):
-        """Build from ``down`` (rank × in) and ``up`` (out × rank) weight matrices."""
+    def from_factors(cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, dtype, device,
+                     interpolative: bool = False):
+        """Build from ``down`` (rank × in) and ``up`` (out × rank) weight matrices, in either form."""
         rank, in_features = down.shape
-        module = cls(in_features, up.shape[0], rank, bias is not None, dtype=dtype, device=device)
+        out_features = up.shape[0]
+        module = cls(in_features, out_features, rank, bias is not None, dtype=dtype, device=device,
+                     interpolative=interpolative)
+        rows = None
+        if module.interpolative:
+            down, up, rows = interpolative_factors(down, up)
         with torch.no_grad():
             module.down.weight.copy_(down)
             module.up.weight.copy_(up)
+            if rows is not None:
+                module.rows.copy_(rows)
             if bias is not None:
-                module.up.bias.copy_(bias)
+                (module.bias if module.interpolative else module.up.bias).copy_(bias)
         return module
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        form = ", interpolative" if self.interpolative else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{form}"
+
+
+def interpolative_form(rank: int, out_features: int, requested: bool) -> bool:
+    """Whether a factor of this rank is stored interpolatively (it saves nothing once r = out)."""
+    return bool(requested) and rank < out_features
+
+
+def interpolative_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(skeleton, coefficients, rows) with U·D = [skeleton; coefficients·skeleton][rows], exactly.
+
+    LU with partial pivoting of U (out × r) gives Π·U = L·R with L unit lower trapezoidal (|L| ≤ 1):
+    the first r pivoted rows of U·D are the skeleton U_top·D, and the others are
+    U_rest·U_top⁻¹·(U_top·D) = L_rest·L_top⁻¹·skeleton. L_top is unit triangular, so this holds
+    even where U is rank-deficient; pivoting keeps the coefficients small.
+    """
+    down, up = down.to(torch.float64), up.to(torch.float64)
+    out_features, rank = up.shape
+    lu, pivots, _ = torch.linalg.lu_factor_ex(up)  # a zero pivot (dead direction) is fine here
+    order = list(range(out_features))
+    for i, pivot in enumerate((pivots - 1).tolist()):  # LAPACK's row swaps, applied in turn
+        order[i], order[pivot] = order[pivot], order[i]
+    order = torch.tensor(order, device=up.device)
+    lower_top = torch.tril(lu[:rank], diagonal=-1) + torch.eye(rank, dtype=lu.dtype, device=lu.device)
+    coefficients = torch.linalg.solve_triangular(lower_top, lu[rank:], upper=False, left=False, unitriangular=True)
+    skeleton = up[order[:rank]] @ down
+    rows = torch.empty_like(order)
+    rows[order] = torch.arange(out_features, device=up.device)
+    return skeleton, coefficients, rows
 
 
 def projection_weight(module: nn.Module) -> torch.Tensor:
@@ -90,8 +149,8 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def replace_with_empty_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Swap each named projection for an uninitialised ``LowRankLinear`` of that rank (used on load)."""
+def replace_with_empty_lowrank(model: nn.Module, ranks: dict[str, int], interpolative: bool = False) -> None:
+    """Swap each named projection for an uninitialised ``LowRankLinear`` of that rank and form (used on load)."""
     for name, rank in ranks.items():
         try:
             dense = model.get_submodule(name)
@@ -100,5 +159,6 @@ def replace_with_empty_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
         out_features, in_features = projection_shape(dense)
         weight = projection_weight(dense)
         bias = getattr(dense, "bias", None)
-        lowrank = LowRankLinear(in_features, out_features, rank, bias is not None, dtype=weight.dtype, device=weight.device)
+        lowrank = LowRankLinear(in_features, out_features, rank, bias is not None, dtype=weight.dtype, device=weight.device,
+                                interpolative=interpolative)
         replace_module(model, name, lowrank)

@@ -6,12 +6,16 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import InvalidInputError
+from .modules import interpolative_form
 
 
 @dataclass(frozen=True)
 class ProjectionShape:
+    """A selected projection's shape, and the storage form its factors will take (``LowRankLinear``)."""
+
     out_features: int
     in_features: int
+    interpolative: bool = False
 
     @property
     def dense_params(self) -> int:
@@ -22,7 +26,36 @@ class ProjectionShape:
         return min(self.out_features, self.in_features)
 
     def lowrank_params(self, rank: int) -> int:
-        return rank * (self.out_features + self.in_features)
+        params = rank * (self.out_features + self.in_features)
+        return params - rank * rank if interpolative_form(rank, self.out_features, self.interpolative) else params
+
+    @property
+    def top_saving_rank(self) -> int:
+        """The largest rank whose factors are smaller than the dense matrix (0 if none is)."""
+        if self.interpolative:  # r·(in + out − r) < in·out  ⇔  r < min(in, out)
+            return self.max_rank - 1
+        return (self.dense_params - 1) // (self.in_features + self.out_features)
+
+    def rank_for_params(self, params: float) -> int:
+        """The largest rank (≥ 0) whose factors take at most ``params`` parameters."""
+        if not self.interpolative:
+            return max(0, math.floor(params / (self.in_features + self.out_features)))
+        # r² − (in + out)·r + params ≥ 0, smaller root; then step for rounding at the edges.
+        total = self.in_features + self.out_features
+        rank = max(0, min(self.max_rank, math.floor((total - math.sqrt(max(total * total - 4 * params, 0.0))) / 2)))
+        while rank > 0 and self.lowrank_params(rank) > params:
+            rank -= 1
+        while rank < self.max_rank and self.lowrank_params(rank + 1) <= params:
+            rank += 1
+        return rank
+
+    def with_form(self, interpolative: bool) -> "ProjectionShape":
+        return ProjectionShape(self.out_features, self.in_features, interpolative)
+
+
+def shapes_in_form(shapes: dict[str, ProjectionShape], interpolative: bool) -> dict[str, ProjectionShape]:
+    """The same shapes with their factors stored in the given form (the budget counts what is stored)."""
+    return {name: shape.with_form(interpolative) for name, shape in shapes.items()}
 
 
 @dataclass
@@ -66,7 +99,7 @@ def uniform_ratio_plan(shapes: dict[str, ProjectionShape], ratio: float, multipl
         return RankPlan(shapes, {name: None for name in shapes})
     ranks: dict[str, int | None] = {}
     for name, shape in shapes.items():
-        rank = math.floor(ratio * shape.dense_params / (shape.in_features + shape.out_features))
+        rank = shape.rank_for_params(ratio * shape.dense_params)
         rank = max(multiple, rank - rank % multiple)  # rounded down to the kernel-friendly multiple
         ranks[name] = rank if shape.lowrank_params(rank) < shape.dense_params else None
     return RankPlan(shapes, ranks)

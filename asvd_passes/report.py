@@ -32,6 +32,7 @@ class CompressionReport:
     peak_rss_mib: float = 0.0
     kv: dict | None = None  # latent KV cache: plan, achieved ratios (None when K/V were left alone)
     pipeline: dict | None = None  # which pipeline ran, and why
+    lowrank_form: str = "pair"  # how factored projections are stored (LowRankLinear)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +78,7 @@ def build_report(config: ASVDConfig, plan: RankPlan, kv_plan, shapes: dict[str, 
         seconds=dict(seconds),
         peak_rss_mib=peak_rss_mib(),
         pipeline=pipeline,
+        lowrank_form="interpolative" if config.interpolative else "pair",
         kv=None if kv_plan is None else dict(
             kv_plan.to_dict(),
             kv_ratio=kv_plan.ratio,
@@ -110,5 +112,6 @@ def quantization_config(config: ASVDConfig, plan: RankPlan, kv_plan, windows, ca
         kv_ratio=config.kv_ratio,
         kv_allocation=config.kv_allocation if kv_plan is not None else None,
         pipeline=pipeline,
+        lowrank_form="interpolative" if config.interpolative else "pair",
         **extra,
     )

@@ -60,7 +60,7 @@ def compress(label: str, workdir: Path, equal_widths: bool = False) -> Path:
     tick = time.perf_counter()
     config = ASVDConfig(method="whiten", param_ratio=param, kv_ratio=kv, calibration=str(DATA / "wiki.valid.tokens"),
                         calib_samples=16, seqlen=512, seed=0, kv_equal_widths=equal_widths,
-                        pipeline="whole")  # the committed table was made on the whole-model path
+                        pipeline="whole", lowrank_form="pair")  # the committed table was made on the whole-model path, in pairs
     ASVDCompressor.from_pretrained(None).compress(config, save_dir=folder, progress=False)
     log(f"compressed {label}{' (equal K/V widths)' if equal_widths else ''} in {time.perf_counter() - tick:.0f} s")
     return folder

@@ -74,7 +74,8 @@ def main() -> int:
             out = Path(tmp) / f"{method}-{ratio}".replace(" ", "_")
             ratio_arg = ["--param-ratio", ratio] if ratio != "full rank" else ["--param-ratio", "1.0"]
             tick = time.perf_counter()
-            asvd("compress", "--out", str(out), "--method", method, "--pipeline", "whole",  # as the table was made
+            asvd("compress", "--out", str(out), "--method", method, "--pipeline", "whole",  # as the table was made,
+                 "--lowrank-form", "pair",
                  *ratio_arg, *calib, *extra)
             wall = time.perf_counter() - tick
             report = json.loads((out / "asvd_report.json").read_text())

@@ -61,7 +61,7 @@ def shared(method, statistics, names, *args, **kwargs):
 whole.shared_scalings = shared
 reuse_output_fisher()
 
-base = dict(method="whiten", allocation="fisher", pipeline="whole", seqlen=512)
+base = dict(method="whiten", allocation="fisher", pipeline="whole", seqlen=512, lowrank_form="pair")
 if ow:
     base.update(output_whitening="gradient", sensitivity_samples=16, output_damping=lam)
 for mode in modes:

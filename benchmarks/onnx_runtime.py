@@ -65,7 +65,7 @@ def build_variants(args, workdir: Path) -> dict[str, Path]:
                             kv_group_size=group_size, allocation="uniform" if random else "fisher",
                             kv_allocation="uniform" if random else "fisher",
                             calibration=None if random else calibration, calib_samples=16, seqlen=512, seed=0,
-                            pipeline="whole")  # the committed tables were made on the whole-model path
+                            pipeline="whole", lowrank_form="pair")  # the committed tables: whole-model path, pairs
         if random:  # plain SVD needs no calibration text; token ids drive the trace
             compressor.compress(config, calibration=torch.randint(0, 32000, (1, 64)), progress=False)
         else:

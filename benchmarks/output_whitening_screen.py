@@ -86,7 +86,7 @@ if shrink == "diag":
 
 print(json.dumps(dict(dense_val=validation_perplexity(model, held))), flush=True)
 base = dict(method="whiten", allocation="fisher", pipeline="whole", output_whitening="gradient", sensitivity_samples=16,
-            seqlen=512)
+            seqlen=512, lowrank_form="pair")
 for lam in lambdas:
     t = time.time()
     analysis = comp.analyze(ASVDConfig(param_ratio=0.8, output_damping=lam, **base), calibration=calib, progress=False)

@@ -67,7 +67,7 @@ def main() -> int:
         allocations = args.allocations.split(",") + (["strs"] if method in strs_methods else [])
         # The analysis gathers the statistics that any of these allocations needs (fisher adds XᵀX).
         base = ASVDConfig(method=method, allocation="fisher" if "fisher" in allocations else allocations[0],
-                          param_ratio=0.9, **calib)
+                          param_ratio=0.9, lowrank_form="pair", **calib)
         tick = time.perf_counter()
         analysis = compressor.analyze(base, progress=False)
         print(f"{method}: analysis {time.perf_counter() - tick:.1f} s {analysis.seconds}", flush=True)
@@ -75,7 +75,9 @@ def main() -> int:
         for allocation in allocations:
             for ratio in ratios:
                 extra = dict(sensitivity_samples=args.strs_samples) if allocation == "strs" else {}
-                config = ASVDConfig(method=method, allocation=allocation, param_ratio=ratio, **calib, **extra)
+                # The papers' two factors (r·(in+out) per rank), as the committed table was made.
+                config = ASVDConfig(method=method, allocation=allocation, param_ratio=ratio, lowrank_form="pair",
+                                    **calib, **extra)
                 report = compressor.apply(analysis, config, progress=False)
                 result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
                 stages = dict(report.seconds)

@@ -128,7 +128,7 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="asvd-rss-")) / "out"
     try:
         compressor.compress(ASVDConfig(param_ratio=args.ratio, pipeline="sequential", device="cpu", calib_samples=4,
-                                       seqlen=512, seed=0), calibration=windows, save_dir=out, progress=False)
+                                       seqlen=512, seed=0, lowrank_form="pair"), calibration=windows, save_dir=out, progress=False)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     if args.high_water:

@@ -90,7 +90,8 @@ def child(args) -> int:
 
     torch.manual_seed(0)
     options = dict(param_ratio=args.ratio, pipeline=args.pipeline, device=args.device, svd_dtype=args.svd_dtype,
-                   calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0)
+                   calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0,
+                   lowrank_form="pair")  # the committed tables were made with two factors
     tick = time.perf_counter()
     if args.model == "smollm2":
         compressor = ASVDCompressor.from_pretrained(None)

@@ -8,7 +8,11 @@ Rows, per parameter ratio (whiten + fisher everywhere, the usual protocol of ``.
 - ``sequential + float32 SVD``: the default with each projection's SVD in float32 (statistics and
   whitening stay float64), the precision a GPU run may choose;
 - ``sequential + output whitening``: the default with ``output_whitening="gradient"`` (outputs whitened
-  by the loss-gradient covariance, K-FAC's output factor) over all 16 calibration windows.
+  by the loss-gradient covariance, K-FAC's output factor) over all 16 calibration windows;
+- ``… (interpolative)``: the same factors stored in the interpolative form (``lowrank_form``, the
+  default since it exists: r rows of each rank-r matrix plus the other rows as combinations of
+  them, r·(in+out−r) parameters instead of r·(in+out)), so the same budget keeps a higher rank.
+  Every other row pins the papers' two-factor ``pair`` form.
 (Sequential with sequential calibration off gives the whole path's factors; the tests prove that.)
 
 Pass 1 of the sequential pipeline (every projection's loss-cost curve, on the dense model) depends
@@ -36,15 +40,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
+PAIR = dict(lowrank_form="pair")  # the papers' two factors, r·(in+out) parameters per rank
 VARIANTS = {
-    "whole": None,
-    "sequential": dict(pipeline="sequential", sequential_calibration=True, refit_up=False),
-    "sequential + refit": dict(pipeline="sequential", sequential_calibration=True, refit_up=True),
+    "whole": dict(PAIR),
+    "sequential": dict(pipeline="sequential", sequential_calibration=True, refit_up=False, **PAIR),
+    "sequential + refit": dict(pipeline="sequential", sequential_calibration=True, refit_up=True, **PAIR),
     "sequential + float32 SVD": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
-                                    svd_dtype="float32"),
+                                    svd_dtype="float32", **PAIR),
     "sequential + output whitening": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
-                                          output_whitening="gradient", sensitivity_samples=16),
+                                          output_whitening="gradient", sensitivity_samples=16, **PAIR),
+    # The same matrices stored as r rows plus combinations of them: r·(in+out−r) per rank (the default).
+    "whole (interpolative)": dict(lowrank_form="interpolative"),
+    "sequential (interpolative)": dict(pipeline="sequential", sequential_calibration=True, refit_up=False,
+                                      lowrank_form="interpolative"),
+    "sequential + output whitening (interpolative)": dict(
+        pipeline="sequential", sequential_calibration=True, refit_up=False, output_whitening="gradient",
+        sensitivity_samples=16, lowrank_form="interpolative"),
 }
+WHOLE = ("whole", "whole (interpolative)")  # one shared analysis, applied at every ratio
 
 
 def _pass_one_key(config) -> tuple:
@@ -112,6 +125,9 @@ def main() -> int:
 
     ratios = [float(r) for r in args.ratios.split(",")]
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     test = str(DATA / "wiki.test.raw")
     calib = dict(method="whiten", allocation="fisher", calibration=str(DATA / "wiki.valid.tokens"),
                  calib_samples=16, seqlen=args.seqlen, seed=0)
@@ -121,24 +137,27 @@ def main() -> int:
     print(json.dumps(dict(dense=dense)), flush=True)
     rows = []
 
-    if "whole" in variants:
+    whole_variants = [v for v in variants if v in WHOLE]
+    if whole_variants:
         tick = time.perf_counter()
         analysis = compressor.analyze(ASVDConfig(param_ratio=0.9, pipeline="whole", **calib), progress=False)
         analysis_seconds = time.perf_counter() - tick
         dense_modules = {name: model.get_submodule(name) for name in analysis.shapes}
-        for ratio in ratios:
-            report = compressor.apply(analysis, ASVDConfig(param_ratio=ratio, pipeline="whole", **calib), progress=False)
-            result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
-            rows.append(dict(variant="whole", ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],
-                             seconds=report.seconds["compress"], pass_one_seconds=analysis_seconds))
-            print(json.dumps(rows[-1]), flush=True)
-            for name, module in dense_modules.items():
-                replace_module(model, name, module)
-            del model.config.quantization_config
+        for variant in whole_variants:
+            for ratio in ratios:
+                config = ASVDConfig(param_ratio=ratio, pipeline="whole", **VARIANTS[variant], **calib)
+                report = compressor.apply(analysis, config, progress=False)
+                result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
+                rows.append(dict(variant=variant, ratio=ratio, achieved=report.selected_ratio, ppl=result["ppl"],
+                                 seconds=report.seconds["compress"], pass_one_seconds=analysis_seconds))
+                print(json.dumps(rows[-1]), flush=True)
+                for name, module in dense_modules.items():
+                    replace_module(model, name, module)
+                del model.config.quantization_config
         del analysis, dense_modules
 
     with ReusedPassOne() as pass_one:
-        for variant in [v for v in variants if v != "whole"]:
+        for variant in [v for v in variants if v not in WHOLE]:
             for ratio in ratios:
                 copy_ = copy.deepcopy(model)
                 config = ASVDConfig(param_ratio=ratio, **VARIANTS[variant], **calib)
@@ -168,7 +187,8 @@ def write_outputs(args, dense, rows, description) -> None:
         f"({dense['tokens']} tokens); dense **{dense['ppl']:.2f}** in the same run. Calibration: 16×{args.seqlen} "
         f"validation windows, seed 0. whiten + fisher (4 windows for sensitivities; the output-whitening rows use "
         f"all 16 for the Fisher and the gradient covariance, damping 0.1). Ratio: parameters of the "
-        f"selected projections (achieved within one rank step).",
+        f"selected projections as stored (achieved within one rank step): two factors, r·(in+out) per rank, "
+        f"except the *interpolative* columns, r·(in+out−r) per rank (the same matrix at a given rank).",
         "",
         "| param ratio | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),

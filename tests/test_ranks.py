@@ -127,21 +127,31 @@ def test_ranks_for_unselected_module_rejected(tiny_model, tokens):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def _stored_params(in_features: int, out_features: int, rank: int | None, interpolative: bool) -> int:
+    """What a projection keeps: dense, two factors, or r rows plus (out − r) × r coefficients."""
+    if rank is None:
+        return in_features * out_features
+    if interpolative and rank < out_features:
+        return rank * in_features + (out_features - rank) * rank
+    return rank * (in_features + out_features)
+
+
+@pytest.mark.parametrize("form", ["interpolative", "pair"])
 @pytest.mark.parametrize("ratio", [0.3, 0.7])
-def test_report_ratio_is_exact(family, ratio, tiny_model, tokens, projections_of):
+def test_report_ratio_is_exact(family, ratio, form, tiny_model, tokens, projections_of):
     model = tiny_model(family)
     shapes = projections_of(model)  # {name: (in, out)}, before compression
     params_before = sum(p.numel() for p in model.parameters())
     report = ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=ratio, ranks={next(iter(shapes)): 3}), calibration=tokens(1, 8), progress=False
+        ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=ratio, ranks={next(iter(shapes)): 3},
+                      lowrank_form=form), calibration=tokens(1, 8), progress=False
     )
+    interpolative = form == "interpolative"
+    assert report.lowrank_form == form
     assert set(report.ranks) == set(shapes) - {"lm_head"}
     assert report.ranks[next(iter(shapes))] == 3
     before = sum(shapes[name][0] * shapes[name][1] for name in report.ranks)
-    after = sum(
-        shapes[name][0] * shapes[name][1] if rank is None else rank * (shapes[name][0] + shapes[name][1])
-        for name, rank in report.ranks.items()
-    )
+    after = sum(_stored_params(*shapes[name], rank, interpolative) for name, rank in report.ranks.items())
     assert report.selected_params_before == before
     assert report.selected_params_after == after
     assert report.selected_ratio == after / before
@@ -155,7 +165,9 @@ def test_report_ratio_is_exact(family, ratio, tiny_model, tokens, projections_of
         assert isinstance(module, ap.LowRankLinear) == (rank is not None)
         if rank is not None:
             assert module.down.weight.shape == (rank, shapes[name][0])
-            assert module.up.weight.shape == (shapes[name][1], rank)
+            kept_rows = shapes[name][1] - rank if module.interpolative else shapes[name][1]
+            assert module.interpolative == (interpolative and rank < shapes[name][1])
+            assert module.up.weight.shape == (kept_rows, rank)
 
 
 def _factors(model):

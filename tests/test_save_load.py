@@ -72,6 +72,26 @@ def test_round_trip_identical_logits(family, tiny_model, tokens, tmp_path):
     assert (reloaded.lm_head.weight is reloaded.get_input_embeddings().weight) == tied
 
 
+@pytest.mark.parametrize("form", ["interpolative", "pair"])
+def test_round_trip_in_each_form(form, tiny_model, tokens, tmp_path):
+    """Both storage forms reload bit-identically; a folder that records no form (older ones) holds pairs."""
+    model = tiny_model("qwen2")  # q/k/v carry biases
+    out = tmp_path / "out"
+    compress(model, tokens(4, 32), out, lowrank_form=form)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["lowrank_form"] == form
+    tensors = load_file(next(out.glob("*.safetensors")))
+    assert any(key.endswith(".rows") for key in tensors) == (form == "interpolative")
+    if form == "pair":
+        del config["quantization_config"]["lowrank_form"]
+        (out / "config.json").write_text(json.dumps(config))
+    reloaded = load(out)
+    assert all(m.interpolative == (form == "interpolative")
+               for m in reloaded.modules() if isinstance(m, ap.LowRankLinear))
+    ids = tokens(2, 16, seed=1)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])  # tied, tied, untied LM head
 def test_round_trip_with_lm_head(family, tiny_model, tokens, tmp_path):
     model = tiny_model(family)
@@ -110,7 +130,7 @@ def test_missing_factor_raises(saved):
 
 def test_missing_bias_raises(saved):
     out, file, tensors, _ = saved
-    key = "model.layers.0.self_attn.q_proj.up.bias"
+    key = "model.layers.0.self_attn.q_proj.bias"  # interpolative form: the bias sits beside the factors
     assert key in tensors
     del tensors[key]
     save_file(tensors, file, metadata={"format": "pt"})

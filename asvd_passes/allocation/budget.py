@@ -17,7 +17,7 @@ from ..ranks import ProjectionShape, RankPlan
 
 def rank_grid(shape: ProjectionShape, multiple: int) -> list[int]:
     """Ranks (multiples of ``multiple``) whose factored form is smaller than the dense matrix, descending."""
-    top = (shape.dense_params - 1) // (shape.in_features + shape.out_features)
+    top = shape.top_saving_rank
     top -= top % multiple
     return list(range(top, 0, -multiple))
 

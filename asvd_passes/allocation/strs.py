@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ DEFAULT_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def candidate_rank(shape: ProjectionShape, ratio: float, multiple: int = 1) -> int:
-    rank = math.floor(ratio * shape.dense_params / (shape.in_features + shape.out_features))
+    rank = shape.rank_for_params(ratio * shape.dense_params)
     return max(multiple, rank - rank % multiple)
 
 
@@ -142,8 +141,7 @@ def _fill_budget(plan: RankPlan, shapes, sensitivities, threshold, ratio, multip
             continue
         shape = shapes[name]
         spare = budget - plan.total_kept_params
-        extra = int(spare // (shape.in_features + shape.out_features))
+        extra = shape.rank_for_params(plan.kept_params(name) + spare) - rank
         extra -= extra % multiple
-        top = (shape.dense_params - 1) // (shape.in_features + shape.out_features)
-        plan.ranks[name] = min(rank + max(extra, 0), top)
+        plan.ranks[name] = min(rank + max(extra, 0), shape.top_saving_rank)
     return plan

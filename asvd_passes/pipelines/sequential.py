@@ -181,7 +181,7 @@ class SequentialPipeline:
                 except AttributeError as err:
                     raise SequentialPipelineError(f"block {index} has no {rel} (blocks differ in structure)") from err
                 out_features, in_features = projection_weight(module).shape
-                shapes[self._name(index, rel)] = ProjectionShape(out_features, in_features)
+                shapes[self._name(index, rel)] = ProjectionShape(out_features, in_features, self.config.interpolative)
         return shapes
 
     # -- passes ----------------------------------------------------------------------------------
@@ -493,7 +493,8 @@ class SequentialPipeline:
                         stats = statistics[p.name]
                         up = refit_up(weight, down, stats.cross, stats.gram)
                     replacements[p.name] = LowRankLinear.from_factors(
-                        down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
+                        down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device,
+                        interpolative=plan.shapes[p.name].interpolative)
                     del weight, down, up
                     if not layouts:
                         # Nothing reads the dense weight again (the graph's node for it is rewritten

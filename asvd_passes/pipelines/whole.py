@@ -30,7 +30,7 @@ from ..graph import (
 )
 from ..models import cache_dir
 from ..modules import LowRankLinear, projection_weight, replace_module
-from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
+from ..ranks import ProjectionShape, RankPlan, explicit_plan, shapes_in_form, uniform_ratio_plan
 from ..scaling import shared_scalings
 
 
@@ -98,11 +98,12 @@ def select_projections(model: nn.Module, projections, config: ASVDConfig, filter
     return selected
 
 
-def lowrank_module(model: nn.Module, name: str, svd: ScaledSVD, rank: int) -> LowRankLinear:
+def lowrank_module(model: nn.Module, name: str, svd: ScaledSVD, rank: int, interpolative: bool = False) -> LowRankLinear:
     dense = model.get_submodule(name)
     weight = projection_weight(dense)
     down, up = svd.factors(rank)
-    return LowRankLinear.from_factors(down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device)
+    return LowRankLinear.from_factors(down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device,
+                                      interpolative=interpolative)
 
 
 class WholeModelPipeline:
@@ -198,7 +199,8 @@ class WholeModelPipeline:
     def apply(self, analysis: Analysis, plan: RankPlan, kv_plan) -> None:
         """Swap the factored modules (and latent attention) into the model."""
         model = self.model
-        replacements = {name: lowrank_module(model, name, analysis.svds[name], rank) for name, rank in plan.factored.items()}
+        replacements = {name: lowrank_module(model, name, analysis.svds[name], rank, plan.shapes[name].interpolative)
+                        for name, rank in plan.factored.items()}
         for name, module in replacements.items():
             replace_module(model, name, module)
         if output_projection_name(model) in replacements:
@@ -210,7 +212,7 @@ class WholeModelPipeline:
 
     def _plan(self, analysis: Analysis, config: ASVDConfig) -> RankPlan:
         """Ranks from the configured allocation; an explicit ``ranks`` map overrides what it names."""
-        shapes = analysis.shapes
+        shapes = shapes_in_form(analysis.shapes, config.interpolative)  # the budget counts what is stored
         if config.ranks and config.param_ratio is None:
             return explicit_plan(shapes, config.ranks)
         if config.allocation == "uniform":

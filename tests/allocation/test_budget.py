@@ -17,12 +17,34 @@ def tail_cost(weight):
     return lambda name, rank: weight[name] * sum(0.9**k for k in range(rank, 64))
 
 
-def test_rank_grid_only_ranks_that_save_parameters():
-    shape = ProjectionShape(64, 64)
+@pytest.mark.parametrize("interpolative", [False, True])
+def test_rank_grid_only_ranks_that_save_parameters(interpolative):
+    shape = ProjectionShape(64, 64, interpolative)
     grid = rank_grid(shape, 8)
     assert grid == sorted(grid, reverse=True) and all(r % 8 == 0 for r in grid)
     assert all(shape.lowrank_params(r) < shape.dense_params for r in grid)
     assert shape.lowrank_params(grid[0] + 8) >= shape.dense_params
+    # Two factors stop saving at half the width; the interpolative form saves up to full rank.
+    assert grid[0] == (56 if interpolative else 24)
+
+
+@pytest.mark.parametrize("shape", [ProjectionShape(64, 64, True), ProjectionShape(96, 32, True),
+                                   ProjectionShape(32, 96, True), ProjectionShape(50, 7, False)])
+def test_rank_for_params_is_the_largest_rank_within_the_params(shape):
+    for params in range(0, shape.dense_params + 1, 37):
+        rank = shape.rank_for_params(params)
+        assert rank == max([r for r in range(shape.max_rank + 1) if shape.lowrank_params(r) <= params])
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.8, 0.6])
+def test_interpolative_budget_buys_lower_cost(ratio):
+    """The same budget in the interpolative form keeps more of every curve: a strictly lower total cost."""
+    cost = tail_cost({"a": 1.0, "b": 1.0, "c": 1.0})
+    total = lambda plan: sum(cost(name, plan.ranks[name] or SHAPES[name].max_rank) for name in SHAPES)  # noqa: E731
+    pair = greedy_plan(SHAPES, cost, ratio, multiple=1)
+    interpolative = greedy_plan({name: shape.with_form(True) for name, shape in SHAPES.items()}, cost, ratio, multiple=1)
+    assert interpolative.ratio <= ratio + 1e-12
+    assert total(interpolative) < total(pair)
 
 
 @pytest.mark.parametrize("ratio", [0.95, 0.9, 0.8, 0.5, 0.3])
