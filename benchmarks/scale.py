@@ -90,8 +90,7 @@ def child(args) -> int:
 
     torch.manual_seed(0)
     options = dict(param_ratio=args.ratio, pipeline=args.pipeline, device=args.device, svd_dtype=args.svd_dtype,
-                   calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0,
-                   lowrank_form="pair")  # the committed tables were made with two factors
+                   calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0, lowrank_form=args.lowrank_form)
     tick = time.perf_counter()
     if args.model == "smollm2":
         compressor = ASVDCompressor.from_pretrained(None)
@@ -114,7 +113,8 @@ def run_row(label, model, pipeline, args, params, layers) -> dict:
     command = [sys.executable, __file__, "--child", "--model", str(model), "--pipeline", pipeline,
                "--device", args.device, "--ratio", str(args.ratio), "--out", str(out), "--svd-dtype", args.svd_dtype,
                "--calib-samples", str(args.calib_samples if model != "smollm2" else 16),
-               "--seqlen", str(args.seqlen if model != "smollm2" else 512)] + (["--progress"] if args.progress else [])
+               "--seqlen", str(args.seqlen if model != "smollm2" else 512), "--lowrank-form", args.lowrank_form,
+               ] + (["--progress"] if args.progress else [])
     print(f"{label} / {pipeline}: {' '.join(command[2:])}", flush=True)
     tick = time.perf_counter()
     try:
@@ -143,6 +143,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--svd-dtype", default="float64", choices=["float64", "float32"])
+    parser.add_argument("--lowrank-form", default="pair", choices=["pair", "interpolative"],
+                        help="storage of the factors (pair: as the committed tables were made)")
     parser.add_argument("--calib-samples", type=int, default=4, help="calibration windows for the random models")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--layers-3b", type=int, default=4, help="layers of the 3B shape (28 is prohibitive on 2 cores)")
@@ -163,7 +165,7 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     rows = []
-    settings = dict(device=args.device, svd_dtype=args.svd_dtype, ratio=args.ratio, calib_samples=args.calib_samples, seqlen=args.seqlen,
+    settings = dict(device=args.device, svd_dtype=args.svd_dtype, lowrank_form=args.lowrank_form, ratio=args.ratio, calib_samples=args.calib_samples, seqlen=args.seqlen,
                     command=" ".join(sys.argv[1:]), machine=_machine(args.device))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,7 @@ def write_table(rows, settings, results: Path) -> None:
     machine = settings.get("machine", "2-core CPU")
     lines = [
         f"`asvd compress --param-ratio {settings['ratio']}` (whiten + fisher), device {settings['device']}, "
-        f"SVD in {settings.get('svd_dtype', 'float64')}, {machine}. "
+        f"SVD in {settings.get('svd_dtype', 'float64')}, factors stored as {settings.get('lowrank_form', 'pair')}, {machine}. "
         f"Random models: calibration {settings['calib_samples']}×{settings['seqlen']} random token windows; "
         "SmolLM2: 16×512 WikiText-2 validation windows. Each row is its own process.",
         "",
