@@ -202,7 +202,8 @@ def test_failed_export_gives_the_callers_model_back_unchanged(tokens, tmp_path, 
     after = model.state_dict(keep_vars=True)
     assert after.keys() == tensors.keys()
     for name, tensor in tensors.items():
-        assert after[name] is tensor and after[name].dtype == torch.float32, name
+        # Float tensors are back in float32; index buffers (the interpolative factors' rows) stay integer.
+        assert after[name] is tensor and after[name].dtype == (torch.float32 if tensor.is_floating_point() else torch.int32), name
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
