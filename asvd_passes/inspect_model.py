@@ -60,6 +60,7 @@ def inspect_model(model: nn.Module, folder: str | Path | None = None) -> dict:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "method": quant.get("method"),
         "allocation": quant.get("allocation"),
+        "lowrank_form": quant.get("lowrank_form", "pair") if lowrank else None,
         "kv_group_size": (quant.get("kv") or {}).get("group_size"),
         "ranks": lowrank,
         "kv_ranks": {name: {"key": m.k_proj.ranks, "value": m.v_proj.ranks} for name, m in latent.items()},

@@ -90,6 +90,8 @@ def test_bad_param_ratio(ratio):
         (dict(alpha=-1.0), "alpha must be"),
         (dict(calib_samples=0), "calib_samples"),
         (dict(seqlen=1), "seqlen"),
+        (dict(lowrank_form="triple"), "Unknown lowrank_form"),
+        (dict(allocation="strs", lowrank_form="interpolative"), "strs.*pair"),
     ],
 )
 def test_bad_config(kwargs, message):
