@@ -101,13 +101,16 @@ def test_sequential_save_load_round_trip(family, options, tiny_model, tokens, tm
 
 
 def test_sequential_calibration_and_refit_change_the_factors(tiny_model, tokens):
-    """Block 1 sees compressed block-0 outputs; the refit changes ``up`` but never ``down``."""
+    """Block 1 sees compressed block-0 outputs; the refit changes ``up`` but never ``down``.
+
+    In pairs, where ``down`` is the truncated factor itself (the interpolative form's ``down`` holds
+    rows of the product, so it moves with ``up``)."""
     windows = tokens(4, 16)
     factors = {}
     for label, options in {"off": dict(sequential_calibration=False), "on": {}, "refit": dict(refit_up=True)}.items():
         compressor = ASVDCompressor(tiny_model("llama"))
-        compressor.compress(ASVDConfig(param_ratio=0.6, allocation="uniform", pipeline="sequential", **options, **SMALL),
-                            calibration=windows, progress=False)
+        compressor.compress(ASVDConfig(param_ratio=0.6, allocation="uniform", pipeline="sequential", lowrank_form="pair",
+                                       **options, **SMALL), calibration=windows, progress=False)
         factors[label] = _factors(compressor.model)
     first = "model.layers.0.self_attn.q_proj"
     later = "model.layers.1.mlp.down_proj"
