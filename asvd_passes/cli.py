@@ -59,10 +59,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "(K-FAC's output factor; the SVD then minimises the predicted loss increase)")
     parser.add_argument("--output-damping", type=float, default=0.1,
                         help="damping of the output-gradient covariance, times its mean diagonal")
-    parser.add_argument("--lowrank-form", choices=["interpolative", "pair"], default=None,
-                        help="storage of each factored projection: interpolative (r rows of the matrix plus "
-                             "combinations of them, r·(in+out−r) parameters; the default) or pair (two factors, "
-                             "r·(in+out), the default for strs)")
+    parser.add_argument("--lowrank-form", choices=["pair", "interpolative"], default="pair",
+                        help="storage of each factored projection: pair (two factors, r·(in+out) parameters; "
+                             "the default) or interpolative (r rows of the matrix plus combinations of them, "
+                             "r·(in+out−r): a higher rank for the budget; see README for its ONNX/int4 caveats)")
 
 
 def compress_config(args: argparse.Namespace):

@@ -15,10 +15,11 @@ class LowRankLinear(nn.Module):
 
     * pair: ``down`` = D, ``up`` = U, ``y = up(down(x))``: r·(in + out) parameters (the form of the
       ASVD and SVD-LLM papers).
-    * interpolative (``interpolative=True``): r rows of W' (chosen by pivoted LU of U) are stored as
+    * interpolative (``interpolative=True``): r rows of W' are stored as
       ``down`` and every other row as a combination of them, ``up`` (out − r) × r; ``rows`` puts the
       outputs back in order: ``y = [down(x), up(down(x))][rows]``. The same matrix in r·(in + out − r)
-      parameters (r² fewer), so a parameter budget buys a higher rank. Needs r < out.
+      parameters (r² fewer), so a parameter budget buys a higher rank. Needs r < out. Rows are
+      chosen by pivoted LU and maxvol swaps so every coefficient is at most 1.05 in magnitude.
     """
 
     def __init__(
@@ -96,13 +97,17 @@ def interpolative_form(rank: int, out_features: int, requested: bool) -> bool:
     return bool(requested) and rank < out_features
 
 
-def interpolative_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def interpolative_factors(down: torch.Tensor, up: torch.Tensor, bound: float = 1.05
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(skeleton, coefficients, rows) with U·D = [skeleton; coefficients·skeleton][rows], exactly.
 
-    LU with partial pivoting of U (out × r) gives Π·U = L·R with L unit lower trapezoidal (|L| ≤ 1):
-    the first r pivoted rows of U·D are the skeleton U_top·D, and the others are
-    U_rest·U_top⁻¹·(U_top·D) = L_rest·L_top⁻¹·skeleton. L_top is unit triangular, so this holds
-    even where U is rank-deficient; pivoting keeps the coefficients small.
+    LU with partial pivoting of U (out × r) gives Π·U = L·R with L unit lower trapezoidal: the first
+    r pivoted rows of U·D are the skeleton U_top·D, and the others are U_rest·U_top⁻¹·skeleton =
+    L_rest·L_top⁻¹·skeleton (L_top is unit triangular, so this holds even where U is rank-deficient).
+    Then maxvol swaps (Goreinov et al.) exchange a skeleton row for the row with the largest
+    coefficient until every |coefficient| ≤ ``bound``: small coefficients keep float32 rounding
+    near the two-factor form's (LU alone left coefficients up to ~3 and twice the logits' rounding
+    error on SmolLM2).
     """
     down, up = down.to(torch.float64), up.to(torch.float64)
     out_features, rank = up.shape
@@ -113,6 +118,27 @@ def interpolative_factors(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.T
     order = torch.tensor(order, device=up.device)
     lower_top = torch.tril(lu[:rank], diagonal=-1) + torch.eye(rank, dtype=lu.dtype, device=lu.device)
     coefficients = torch.linalg.solve_triangular(lower_top, lu[rank:], upper=False, left=False, unitriangular=True)
+    del lu, lower_top
+    # B (out × r): row k expresses output k in the skeleton outputs (identity rows for the skeleton).
+    full = torch.empty(out_features, rank, dtype=up.dtype, device=up.device)
+    full[order[:rank]] = torch.eye(rank, dtype=up.dtype, device=up.device)
+    full[order[rank:]] = coefficients
+    del coefficients
+    skeleton_rows = order[:rank].clone()
+    for _ in range(4 * rank):  # each swap raises |det U_top| by the pivot's factor; few are needed
+        i, j = divmod(int(full.abs().argmax()), rank)
+        pivot = full[i, j].item()
+        if abs(pivot) <= bound:
+            break
+        column, row = full[:, j].clone(), full[i].clone()
+        row[j] -= 1
+        full.addr_(column, row, alpha=-1.0 / pivot)  # row i becomes e_j: output i joins the skeleton
+        skeleton_rows[j] = i
+    rest = torch.ones(out_features, dtype=torch.bool, device=up.device)
+    rest[skeleton_rows] = False
+    order = torch.cat([skeleton_rows, rest.nonzero().flatten()])
+    coefficients = full[order[rank:]]
+    del full
     skeleton = up[order[:rank]] @ down
     rows = torch.empty_like(order)
     rows[order] = torch.arange(out_features, device=up.device)

@@ -163,7 +163,7 @@ def test_optimum_cli_plugin_exposes_compress():
         (["--svd-dtype", "float32"], dict(svd_dtype="float32"), 0.9, True),
         (["--output-whitening", "gradient", "--output-damping", "0.5"],
          dict(output_whitening="gradient", output_damping=0.5), 0.9, True),
-        (["--lowrank-form", "pair"], dict(lowrank_form="pair"), 0.9, True),
+        (["--lowrank-form", "interpolative"], dict(lowrank_form="interpolative"), 0.9, True),
     ],
 )
 def test_cli_and_python_share_one_param_ratio_rule(argv, kwargs, param_ratio, weights):

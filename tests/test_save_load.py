@@ -130,7 +130,7 @@ def test_missing_factor_raises(saved):
 
 def test_missing_bias_raises(saved):
     out, file, tensors, _ = saved
-    key = "model.layers.0.self_attn.q_proj.bias"  # interpolative form: the bias sits beside the factors
+    key = "model.layers.0.self_attn.q_proj.up.bias"
     assert key in tensors
     del tensors[key]
     save_file(tensors, file, metadata={"format": "pt"})
