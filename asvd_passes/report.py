@@ -78,7 +78,7 @@ def build_report(config: ASVDConfig, plan: RankPlan, kv_plan, shapes: dict[str, 
         seconds=dict(seconds),
         peak_rss_mib=peak_rss_mib(),
         pipeline=pipeline,
-        lowrank_form="interpolative" if config.interpolative else "pair",
+        lowrank_form=config.lowrank_form,
         kv=None if kv_plan is None else dict(
             kv_plan.to_dict(),
             kv_ratio=kv_plan.ratio,
@@ -112,6 +112,6 @@ def quantization_config(config: ASVDConfig, plan: RankPlan, kv_plan, windows, ca
         kv_ratio=config.kv_ratio,
         kv_allocation=config.kv_allocation if kv_plan is not None else None,
         pipeline=pipeline,
-        lowrank_form="interpolative" if config.interpolative else "pair",
+        lowrank_form=config.lowrank_form,
         **extra,
     )
