@@ -280,7 +280,7 @@ def export_onnx(
     from asvd_passes.families import check_latent_support
     from asvd_passes.models import load_model_and_tokenizer
 
-    from .quantize import check_weights
+    from .quantize import check_quantizable, check_weights
 
     if fold_value not in ("always", "never"):
         raise InvalidInputError(f"fold_value must be 'always' or 'never' for export, got {fold_value!r}")
@@ -304,6 +304,7 @@ def export_onnx(
     else:
         model, tokenizer = load_model_and_tokenizer(model_or_path)
     check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
+    check_quantizable(model, weights)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
         return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, absorb_key, layout, weights,
