@@ -117,8 +117,11 @@ def main() -> None:
     args = parser.parse_args()
     from asvd_passes import ASVDCompressor, ASVDConfig
     from asvd_passes.data import random_windows, read_text, tokenize
+    from asvd_passes.models import load_tokenizer, resolve_model_path
 
     variants = ["float32", "int4", "int4 down", "int4 up", "int8", "bf16", "gptq int4"]
+    valid = tokenize(load_tokenizer(resolve_model_path(None)), read_text(str(DATA / "wiki.valid.tokens")))
+    calibration = list(random_windows(valid, 8, 512, 0, "calibration"))  # GPTQ's, the same for both forms
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for form in ("pair", "interpolative"):
@@ -127,8 +130,6 @@ def main() -> None:
             config = ASVDConfig(method="whiten", param_ratio=0.9, kv_ratio=0.5, calibration=str(DATA / "wiki.valid.tokens"),
                                 calib_samples=4, seqlen=512, seed=0, lowrank_form=form)
             compressor.compress(config, save_dir=Path(tmp) / form, progress=True)
-            valid = tokenize(compressor.tokenizer, read_text(str(DATA / "wiki.valid.tokens")))
-            calibration = list(random_windows(valid, 8, 512, 0, "calibration"))
             print(f"{form}: compressed in {time.time() - start:.0f} s", flush=True)
             for variant in variants:
                 results[form, variant] = variant_perplexity(Path(tmp) / form, variant, calibration)
