@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from functools import cache
+
 from optimum.configuration_utils import BaseConfig
+from transformers import PretrainedConfig
 
 from .errors import InvalidInputError
 
@@ -17,6 +22,26 @@ DEVICES = ("auto", "cpu", "cuda")
 SVD_DTYPES = ("float64", "float32")
 OUTPUT_WHITENINGS = ("none", "gradient")
 LOWRANK_FORMS = ("pair", "interpolative")
+# Fields that older versions wrote into asvd_config.json and this one dropped (options that measured worse
+# or equal): loading such a folder skips them; passing them to ``ASVDConfig(...)`` is an error.
+REMOVED_FIELDS = frozenset({"refit_up", "svd_dtype", "kv_equal_widths"})
+# Keys optimum writes into asvd_config.json besides PretrainedConfig's own (see ``passthrough_keys``).
+OPTIMUM_KEYS = frozenset({"optimum_version", "_commit_hash", "torch_dtype"})
+
+
+@cache
+def passthrough_keys() -> frozenset[str]:
+    """Keys of the base classes that ``ASVDConfig(**kwargs)`` hands to them: PretrainedConfig's own
+    fields (what it writes into a saved config) and optimum's version stamp; anything else is a typo."""
+    return frozenset(PretrainedConfig().to_dict()) | OPTIMUM_KEYS
+
+
+def unknown_field_error(name: str, known) -> InvalidInputError:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(sorted(known))}"
+    if name in REMOVED_FIELDS:
+        hint = " (removed: it measured no better than the default; see research/README.md)"
+    return InvalidInputError(f"ASVDConfig has no field {name!r}{hint}")
 
 
 class ASVDConfig(BaseConfig):
@@ -105,6 +130,9 @@ class ASVDConfig(BaseConfig):
         lowrank_form: str = "pair",
         **kwargs,
     ):
+        for name in kwargs:
+            if name not in passthrough_keys():
+                raise unknown_field_error(name, self.fields())
         super().__init__(**kwargs)
         if param_ratio is None and not ranks and ppl_target is None and kv_ratio is None:
             param_ratio = DEFAULT_PARAM_RATIO  # nothing asked for: compress the weights at the default ratio
@@ -139,6 +167,19 @@ class ASVDConfig(BaseConfig):
         self.output_damping = output_damping
         self.lowrank_form = lowrank_form
         self.validate()
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The names ``ASVDConfig`` takes: the parameters of its ``__init__``."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "ASVDConfig":
+        """A saved ``asvd_config.json`` (``from_pretrained`` reads through this); fields an older version wrote
+        and this one removed are skipped, so older folders still load."""
+        kept = {key: value for key, value in config_dict.items() if key not in REMOVED_FIELDS}
+        return super().from_dict(kept, **kwargs)
 
     def validate(self) -> None:
         if self.method not in METHODS:
