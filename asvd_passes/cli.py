@@ -50,15 +50,6 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-folder", default=None, help="where per-block activations wait between passes")
     parser.add_argument("--no-sequential-calibration", dest="sequential_calibration", action="store_false",
                         help="observe every block on the dense model's hidden states (sequential pipeline)")
-    parser.add_argument("--refit-up", action="store_true",
-                        help="least-squares refit of each up factor against the dense outputs (sequential pipeline)")
-    parser.add_argument("--svd-dtype", choices=["float64", "float32"], default="float64",
-                        help="precision of each projection's SVD (statistics and whitening stay float64)")
-    parser.add_argument("--output-whitening", choices=["none", "gradient"], default="none",
-                        help="gradient: also whiten each projection's outputs by the loss-gradient covariance "
-                             "(K-FAC's output factor; the SVD then minimises the predicted loss increase)")
-    parser.add_argument("--output-damping", type=float, default=0.1,
-                        help="damping of the output-gradient covariance, times its mean diagonal")
     parser.add_argument("--lowrank-form", choices=["pair", "interpolative"], default="pair",
                         help="storage of each factored projection: pair (two factors, r·(in+out) parameters; "
                              "the default) or interpolative (r rows of the matrix plus combinations of them, "
@@ -101,10 +92,6 @@ def compress_config(args: argparse.Namespace):
         max_memory=args.max_memory,
         offload_folder=args.offload_folder,
         sequential_calibration=args.sequential_calibration,
-        refit_up=args.refit_up,
-        svd_dtype=args.svd_dtype,
-        output_whitening=args.output_whitening,
-        output_damping=args.output_damping,
         lowrank_form=args.lowrank_form,
     )
 

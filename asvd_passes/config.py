@@ -19,7 +19,6 @@ DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
 PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
-SVD_DTYPES = ("float64", "float32")
 OUTPUT_WHITENINGS = ("none", "gradient")
 LOWRANK_FORMS = ("pair", "interpolative")
 # Fields that older versions wrote into asvd_config.json and this one dropped (options that measured worse
@@ -74,9 +73,6 @@ class ASVDConfig(BaseConfig):
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
             for V) in the decomposition; ``False`` gives the plain scaled SVD of each group.
-        svd_dtype: precision of each weight projection's SVD: ``float64`` (eigendecomposition of
-            the smaller Gram matrix of W·S) or ``float32`` (LAPACK/cuSOLVER SVD of W·S); the
-            statistics and the whitening factor stay float64 either way. See docs/ARCHITECTURE.md.
         output_whitening: ``gradient`` also whitens each weight projection's outputs by the covariance
             of the loss gradient with respect to them, G = E[g·gᵀ] over ``sensitivity_samples`` windows
             (K-FAC's output factor): the SVD is of R_Gᵀ·W·S, so truncation minimises the predicted loss
@@ -89,8 +85,6 @@ class ASVDConfig(BaseConfig):
             Default ``pair``: the interpolative form measures better at every ratio but rounds less
             well (fp32 logits vs ONNX Runtime 2.8e-4 apart where pairs stay within 1e-4) and its int4
             export of SmolLM2 was destroyed (README); ``strs`` (ASVD's reproduction) always uses pairs.
-        kv_equal_widths: ``fisher`` KV plan with one rank for K and V of each group (what a cache of
-            equal K/V widths needs without the ``--genai`` export's packing; costs quality, see docs/DEPLOY.md).
     """
 
     CONFIG_NAME = "asvd_config.json"
@@ -117,14 +111,11 @@ class ASVDConfig(BaseConfig):
         kv_group_size: int | None = None,
         kv_allocation: str = "fisher",
         kv_output_metric: bool = True,
-        kv_equal_widths: bool = False,
         pipeline: str = "auto",
         sequential_calibration: bool = True,
-        refit_up: bool = False,
         device: str = "auto",
         max_memory: float | None = None,
         offload_folder: str | None = None,
-        svd_dtype: str = "float64",
         output_whitening: str = "none",
         output_damping: float = 0.1,
         lowrank_form: str = "pair",
@@ -155,14 +146,11 @@ class ASVDConfig(BaseConfig):
         self.kv_group_size = kv_group_size
         self.kv_allocation = kv_allocation
         self.kv_output_metric = kv_output_metric
-        self.kv_equal_widths = kv_equal_widths
         self.pipeline = pipeline
         self.sequential_calibration = sequential_calibration
-        self.refit_up = refit_up
         self.device = device
         self.max_memory = max_memory
         self.offload_folder = None if offload_folder is None else str(offload_folder)
-        self.svd_dtype = svd_dtype
         self.output_whitening = output_whitening
         self.output_damping = output_damping
         self.lowrank_form = lowrank_form
@@ -192,8 +180,6 @@ class ASVDConfig(BaseConfig):
             raise InvalidInputError(f"Unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
         if self.device not in DEVICES:
             raise InvalidInputError(f"Unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        if self.svd_dtype not in SVD_DTYPES:
-            raise InvalidInputError(f"Unknown svd_dtype {self.svd_dtype!r}; choose one of {', '.join(SVD_DTYPES)}")
         if self.output_whitening not in OUTPUT_WHITENINGS:
             raise InvalidInputError(
                 f"Unknown output_whitening {self.output_whitening!r}; choose one of {', '.join(OUTPUT_WHITENINGS)}")
@@ -250,12 +236,6 @@ class ASVDConfig(BaseConfig):
     def interpolative(self) -> bool:
         """Whether factored projections are stored in the interpolative form (see ``lowrank_form``)."""
         return self.lowrank_form == "interpolative"
-
-    @property
-    def svd_torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.svd_dtype)
 
     @property
     def compresses_weights(self) -> bool:

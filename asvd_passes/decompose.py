@@ -24,8 +24,7 @@ class ScaledSVD:
     output_root: torch.Tensor | None = None  # out × out, lower triangular
 
     @classmethod
-    def of(cls, weight: torch.Tensor, scaling: Scaling, dtype: torch.dtype = torch.float64,
-           output_root: torch.Tensor | None = None) -> "ScaledSVD":
+    def of(cls, weight: torch.Tensor, scaling: Scaling, output_root: torch.Tensor | None = None) -> "ScaledSVD":
         """SVD of W·S; in float64 through the eigendecomposition of its smaller Gram matrix.
 
         A = W·S is out × in; the eigenvectors of A·Aᵀ (or AᵀA) give U (or V) and σ², and one
@@ -38,11 +37,6 @@ class ScaledSVD:
             weight = output_root.to(weight.device, torch.float64).T @ weight
         scaled = scaling.apply(weight)
         del weight
-        if dtype != torch.float64:
-            # Squaring the condition number would cost single precision the small kept σ: a real SVD.
-            u, sigma, vh = torch.linalg.svd(scaled.to(dtype), full_matrices=False)
-            del scaled
-            return cls(u.double(), sigma.double(), vh.double(), scaling, output_root)
         out_features, in_features = scaled.shape
         if out_features <= in_features:
             eigenvalues, u = torch.linalg.eigh(scaled @ scaled.T)

@@ -96,7 +96,7 @@ def quantization_config(config: ASVDConfig, plan: RankPlan, kv_plan, windows, ca
     """What ``config.json`` records: the ranks (what loading needs) and how they were made."""
     extra = {}
     if pipeline == "sequential":
-        extra = dict(sequential_calibration=config.sequential_calibration, refit_up=config.refit_up)
+        extra = dict(sequential_calibration=config.sequential_calibration)
     return ASVDQuantizationConfig(
         ranks=plan.factored,
         method=config.method,

@@ -7,7 +7,8 @@ onnxruntime-genai layout (what users deploy). For each row: file size, perplexit
 ONNX Runtime on the export (wiki.test.raw, seqlen 512, 30 windows), prefill ms of 512 tokens and
 greedy decode tokens/s after 128 and 2048 tokens of context (CPU EP, batch 1, best of N, rows
 interleaved per repeat so machine noise hits all alike). A second table compares the latent-cache
-layouts for genai (packing, zero-padding, an equal-width KV plan) against our own layout.
+layouts for genai (packing, zero-padding) against our own layout. (The committed table's equal-width
+KV plan row, committed in b67f503, came from an option since removed: it lost 6.5 perplexity.)
 
     python benchmarks/deploy.py                   # writes benchmarks/results/deploy.{md,json}
     python benchmarks/deploy.py --workdir W --reuse   # re-measure exports an earlier run left in W
@@ -49,20 +50,20 @@ def log(message: str) -> None:
     print(f"[deploy {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def compress(label: str, workdir: Path, equal_widths: bool = False) -> Path:
+def compress(label: str, workdir: Path) -> Path:
     """The compressed model folder of ``label`` (whiten + fisher, calibration 16×512 validation windows)."""
     from asvd_passes import ASVDCompressor, ASVDConfig
 
-    folder = workdir / "models" / (slug(label) + ("-equal" if equal_widths else ""))
+    folder = workdir / "models" / slug(label)
     if (folder / "config.json").is_file():
         return folder
     param, kv = MODELS[label]
     tick = time.perf_counter()
     config = ASVDConfig(method="whiten", param_ratio=param, kv_ratio=kv, calibration=str(DATA / "wiki.valid.tokens"),
-                        calib_samples=16, seqlen=512, seed=0, kv_equal_widths=equal_widths,
+                        calib_samples=16, seqlen=512, seed=0,
                         pipeline="whole", lowrank_form="pair")  # the committed table was made on the whole-model path, in pairs
     ASVDCompressor.from_pretrained(None).compress(config, save_dir=folder, progress=False)
-    log(f"compressed {label}{' (equal K/V widths)' if equal_widths else ''} in {time.perf_counter() - tick:.0f} s")
+    log(f"compressed {label} in {time.perf_counter() - tick:.0f} s")
     return folder
 
 
@@ -156,17 +157,15 @@ def measure(exports: dict, args) -> list[dict]:
 
 
 def layout_study(workdir: Path, args) -> list[dict]:
-    """Latent KV 0.5 (with ASVD 0.9) for genai: packing vs zero-padding vs an equal-width KV plan, vs our layout."""
+    """Latent KV 0.5 (with ASVD 0.9) for genai: packing vs zero-padding, vs our layout."""
     from exporters import ORTCausalLM, export_onnx
     from exporters.onnx_export import packed_width
 
     label = "ASVD 0.9 + KV 0.5"
     free = compress(label, workdir)
-    equal_dir = compress(label, workdir, equal_widths=True)
     variants = {
         "ours (asvd layout)": (free, "asvd"),
         "genai: packed k,v halves (chosen)": (free, "genai"),
-        "genai: equal-width KV plan": (equal_dir, "genai"),
     }
     rows, folders = [], {}
     for index, (name, (model_dir, layout)) in enumerate(variants.items()):

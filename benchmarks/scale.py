@@ -89,7 +89,7 @@ def child(args) -> int:
     from asvd_passes import ASVDCompressor, ASVDConfig
 
     torch.manual_seed(0)
-    options = dict(param_ratio=args.ratio, pipeline=args.pipeline, device=args.device, svd_dtype=args.svd_dtype,
+    options = dict(param_ratio=args.ratio, pipeline=args.pipeline, device=args.device,
                    calib_samples=args.calib_samples, seqlen=args.seqlen, seed=0, lowrank_form=args.lowrank_form)
     tick = time.perf_counter()
     if args.model == "smollm2":
@@ -111,7 +111,7 @@ def child(args) -> int:
 def run_row(label, model, pipeline, args, params, layers) -> dict:
     out = Path(args.workdir) / "out" / f"{Path(str(model)).name}-{pipeline}"
     command = [sys.executable, __file__, "--child", "--model", str(model), "--pipeline", pipeline,
-               "--device", args.device, "--ratio", str(args.ratio), "--out", str(out), "--svd-dtype", args.svd_dtype,
+               "--device", args.device, "--ratio", str(args.ratio), "--out", str(out),
                "--calib-samples", str(args.calib_samples if model != "smollm2" else 16),
                "--seqlen", str(args.seqlen if model != "smollm2" else 512), "--lowrank-form", args.lowrank_form,
                ] + (["--progress"] if args.progress else [])
@@ -142,7 +142,6 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/asvd-scale")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ratio", type=float, default=0.8)
-    parser.add_argument("--svd-dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--lowrank-form", default="pair", choices=["pair", "interpolative"],
                         help="storage of the factors (pair: as the committed tables were made)")
     parser.add_argument("--calib-samples", type=int, default=4, help="calibration windows for the random models")
@@ -165,7 +164,7 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     rows = []
-    settings = dict(device=args.device, svd_dtype=args.svd_dtype, lowrank_form=args.lowrank_form, ratio=args.ratio, calib_samples=args.calib_samples, seqlen=args.seqlen,
+    settings = dict(device=args.device, lowrank_form=args.lowrank_form, ratio=args.ratio, calib_samples=args.calib_samples, seqlen=args.seqlen,
                     command=" ".join(sys.argv[1:]), machine=_machine(args.device))
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ def check_quantizable(model, weights: str) -> None:
     averaging out: SmolLM2 at --param-ratio 0.9 --kv-ratio 0.5, every weight fake-quantized to 4 bits
     (asymmetric, block 64) in PyTorch, went from perplexity 49.5 to 32,482 (the same model in pairs:
     50.6 to 72.5); 8 bits and bf16 stay within 0.5, and GPTQ only reaches 782
-    (benchmarks/int4_form_screen.py). MatMulNBits cannot keep it.
+    (research/int4_form_screen.py). MatMulNBits cannot keep it.
     """
     from asvd_passes.modules import LowRankLinear
 

@@ -160,9 +160,6 @@ def test_optimum_cli_plugin_exposes_compress():
         (["--kv-ratio", "0.5"], dict(kv_ratio=0.5), None, False),  # a KV ratio alone: K/V only, weights dense
         (["--kv-ratio", "0.5", "--param-ratio", "0.8"], dict(kv_ratio=0.5, param_ratio=0.8), 0.8, True),
         (["--allocation", "strs", "--ppl-target", "40"], dict(allocation="strs", ppl_target=40.0), None, True),
-        (["--svd-dtype", "float32"], dict(svd_dtype="float32"), 0.9, True),
-        (["--output-whitening", "gradient", "--output-damping", "0.5"],
-         dict(output_whitening="gradient", output_damping=0.5), 0.9, True),
         (["--lowrank-form", "interpolative"], dict(lowrank_form="interpolative"), 0.9, True),
     ],
 )

@@ -31,6 +31,12 @@ def test_field_with_no_close_name_lists_the_known_ones():
         ap.ASVDConfig(zzz=1)
 
 
+@pytest.mark.parametrize("name, value", [("refit_up", True), ("svd_dtype", "float32"), ("kv_equal_widths", True)])
+def test_removed_field_raises_in_direct_construction(name, value):
+    with pytest.raises(InvalidInputError, match=rf"no field '{name}' \(removed"):
+        ap.ASVDConfig(**{name: value})
+
+
 def test_base_class_keys_are_accepted():
     config = ap.ASVDConfig(param_ratio=0.8, transformers_version="5.0.0", optimum_version="2.0.0", output_attentions=False)
     assert config.param_ratio == 0.8
@@ -40,6 +46,13 @@ def test_saved_config_round_trips(tmp_path):
     ap.ASVDConfig(param_ratio=0.7, kv_ratio=0.5, allocation="uniform").save_pretrained(tmp_path)
     loaded = ap.ASVDConfig.from_pretrained(tmp_path)
     assert (loaded.param_ratio, loaded.kv_ratio, loaded.allocation) == (0.7, 0.5, "uniform")
+
+
+def test_older_file_with_removed_fields_loads(tmp_path):
+    (tmp_path / ap.ASVDConfig.CONFIG_NAME).write_text(json.dumps(OLDER_FILE))
+    loaded = ap.ASVDConfig.from_pretrained(tmp_path)
+    assert loaded.param_ratio == 0.7
+    assert not any(hasattr(loaded, name) for name in ("refit_up", "svd_dtype", "kv_equal_widths"))
 
 
 def test_file_with_an_unknown_field_raises(tmp_path):

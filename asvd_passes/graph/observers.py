@@ -72,30 +72,3 @@ class InputStatistics(nn.Module):
         if self.count == 0:
             raise InvalidInputError(f"No calibration data reached {', '.join(self.consumers)}")
         return self.abs_sum / self.count
-
-
-class PairedInputStatistics(InputStatistics):
-    """:class:`InputStatistics` of the compressed path plus Σ x_ref·xᵀ against a reference (dense) path.
-
-    The sequential pipeline runs each window twice: first the dense path with ``reference = True``
-    (the input is only kept), then the compressed path, whose statistics accumulate as usual along
-    with the cross moment that the closed-form refit of ``up`` needs.
-    """
-
-    def __init__(self, features: int, statistics: tuple[str, ...], consumers: tuple[str, ...]):
-        super().__init__(features, tuple(dict.fromkeys(tuple(statistics) + ("gram",))), consumers)
-        self.cross = torch.zeros(features, features, dtype=torch.float64)
-        self.reference = False
-        self._kept: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1])
-        if self.reference:
-            self._kept = flat.double()
-            return
-        super().forward(x)
-        if self._kept is None:
-            raise RuntimeError(f"{', '.join(self.consumers)}: compressed-path input without its reference")
-        self.cross.addmm_(self._kept.T, flat.double())
-        self._kept = None

@@ -28,16 +28,15 @@ def _attr_name(prefix: str, name: str) -> str:
 class InsertObserversPass(PassBase):
     """Insert a side-effect-only observer node after each group's shared input tensor."""
 
-    def __init__(self, groups: list[ProjectionGroup], statistics: tuple[str, ...], observer_class=InputStatistics):
+    def __init__(self, groups: list[ProjectionGroup], statistics: tuple[str, ...]):
         super().__init__()
         self.groups = groups
         self.statistics = statistics
-        self.observer_class = observer_class
         self.observers: dict[str, InputStatistics] = {}  # keyed by projection name
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         for index, group in enumerate(self.groups):
-            observer = self.observer_class(group.in_features, self.statistics, group.names)
+            observer = InputStatistics(group.in_features, self.statistics, group.names)
             attr = f"{OBSERVER_PREFIX}{index}"
             graph_module.add_submodule(attr, observer)
             with graph_module.graph.inserting_after(group.input_node):

@@ -91,16 +91,13 @@ def greedy_kv_plan(
     ratio: float,
     group_size: int,
     multiple: int = 1,
-    equal_widths: bool = False,
 ) -> KVPlan:
     """Ranks minimising Σ cost subject to Σ latent widths ≤ ratio · Σ dense widths.
 
     ``costs[(name, role, group)][r]`` is the predicted loss increase of keeping rank r (index up to
     the group's max rank, where it is 0). Greedy on each curve's lower convex hull by cost per
     latent column saved; the last move steps down one rank multiple at a time so the achieved
-    width lands within one step of one group of the budget. ``equal_widths`` gives K and V of each
-    group one shared rank (priced by the sum of their curves): the constrained plan a cache with
-    equal K/V widths per layer would need without packing (measured in docs/DEPLOY.md).
+    width lands within one step of one group of the budget.
     """
     check_ratio(ratio)
     plan = KVPlan(group_size, {layout.name: layout.kv_width for layout in layouts})
@@ -110,39 +107,36 @@ def greedy_kv_plan(
     heap: list[tuple[float, tuple, int]] = []
     for layout in layouts:
         top = _max_rank(layout, group_size)
-        units = [ROLES] if equal_widths else [(role,) for role in ROLES]
-        for roles in units:
+        for role in ROLES:
             for g in range(layout.groups(group_size)):
-                key = (layout.name, roles, g)
-                curves = [costs[(layout.name, role, g)] for role in roles]
+                key = (layout.name, role, g)
+                curve = costs[key]
                 ranks = [top] + [r for r in range(top - top % multiple, 0, -multiple) if r < top]
                 points, worst = [], 0.0
                 for r in ranks:  # cost may not fall as rank falls
-                    worst = max(worst, sum(float(curve[min(r, len(curve) - 1)]) for curve in curves))
+                    worst = max(worst, float(curve[min(r, len(curve) - 1)]))
                     points.append((r, worst))
                 grids[key] = points
                 current[key] = top
                 # Same hull as the weight budget's, with the latent columns kept as the size.
-                hull = _lower_hull([(r, c, r * len(roles)) for r, c in points])
+                hull = _lower_hull([(r, c, r) for r, c in points])
                 for (r1, c1, _), (r2, c2, _) in zip(hull, hull[1:]):
-                    heapq.heappush(heap, ((c2 - c1) / ((r1 - r2) * len(roles)), key, r2))
-    kept = float(sum(rank * len(key[1]) for key, rank in current.items()))
+                    heapq.heappush(heap, ((c2 - c1) / (r1 - r2), key, r2))
+    kept = float(sum(current.values()))
     while kept > budget and heap:
         _, key, target = heapq.heappop(heap)
-        width = len(key[1])
-        if kept - (current[key] - target) * width > budget:
-            kept -= (current[key] - target) * width
+        if kept - (current[key] - target) > budget:
+            kept -= current[key] - target
             current[key] = target
             continue
         for rank, _ in grids[key]:
-            if rank < current[key] and kept - (current[key] - rank) * width <= budget:
-                kept -= (current[key] - rank) * width
+            if rank < current[key] and kept - (current[key] - rank) <= budget:
+                kept -= current[key] - rank
                 current[key] = rank
                 break
     for layout in layouts:
         plan.ranks[layout.name] = {
-            role: [current[(layout.name, roles, g)] for g in range(layout.groups(group_size))]
-            for roles in ([ROLES] if equal_widths else [(r,) for r in ROLES]) for role in roles
+            role: [current[(layout.name, role, g)] for g in range(layout.groups(group_size))] for role in ROLES
         }
     return plan
 

@@ -9,7 +9,7 @@
    ``uniform`` and explicit ranks need no first pass.
 3. For each block in turn: capture it with ``torch.export`` on its real inputs, match its projections,
    insert observers, run the calibration hidden states through the observed graph, decompose with
-   the planned ranks (optionally refit ``up``), rewrite the block graph's projection nodes into the
+   the planned ranks, rewrite the block graph's projection nodes into the
    low-rank modules and run **that rewritten graph** to produce the next block's inputs; then swap
    the modules into the block and hand it back (written to shards when the model is offloaded).
 
@@ -40,10 +40,8 @@ from ..config import ASVDConfig
 from ..decompose import ScaledSVD, output_root
 from ..errors import InvalidInputError
 from ..graph import InsertObserversPass, LowRankRewritePass, RemoveObserversPass, find_projections, group_by_input
-from ..graph.observers import PairedInputStatistics
 from ..modules import LowRankLinear, projection_weight, replace_module
 from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
-from ..refit import refit_up
 from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
@@ -243,37 +241,23 @@ class SequentialPipeline:
         config = self.config
         if config.kv_allocation == "uniform":
             return kv.uniform_kv_plan(self.kv_layouts, config.kv_ratio, self.group_size, config.rank_multiple)
-        return kv.greedy_kv_plan(self.kv_layouts, costs, config.kv_ratio, self.group_size, config.rank_multiple,
-                                 equal_widths=config.kv_equal_widths)
+        return kv.greedy_kv_plan(self.kv_layouts, costs, config.kv_ratio, self.group_size, config.rank_multiple)
 
-    def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall, reference=None):
-        """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats.
-
-        With ``reference`` (dense-path inputs, for the refit), each window runs on the dense path
-        first and the observers also accumulate the cross moment; the dense outputs are returned.
-        """
+    def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall):
+        """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats."""
         graph = capture_block(block, self._feed(inputs[0]), call)
         selected, observed = self._block_projections(index, graph, block)
-        statistics, dense_outputs = {}, None
+        statistics = {}
         needed = self.config.statistics
-        if observed and (needed or reference is not None):
-            observer_class = PairedInputStatistics if reference is not None else None
-            observe = (InsertObserversPass(group_by_input(observed), needed, observer_class)
-                       if observer_class else InsertObserversPass(group_by_input(observed), needed))
+        if observed and needed:
+            observe = InsertObserversPass(group_by_input(observed), needed)
             graph = observe(graph).graph_module
-            dense_outputs = [] if reference is not None else None
             with torch.no_grad():
-                for position, x in enumerate(inputs):
-                    if reference is not None:
-                        for observer in set(observe.observers.values()):
-                            observer.reference = True
-                        dense_outputs.append(graph(self._feed(reference[position]), *call.args, **call.kwargs).cpu())
-                        for observer in set(observe.observers.values()):
-                            observer.reference = False
+                for x in inputs:
                     graph(self._feed(x), *call.args, **call.kwargs)
             RemoveObserversPass()(graph)
             statistics = observe.observers
-        return graph, selected, observed, statistics, dense_outputs
+        return graph, selected, observed, statistics
 
     def _cost_curves(self, hidden, calls, shapes):
         """Pass 1: every weight projection's and K/V group's loss-cost curve, on the dense model."""
@@ -297,7 +281,7 @@ class SequentialPipeline:
                 prefix = self._name(index, "")[:-1]
                 block = self.weights.load(prefix, layer)
                 inputs = store.get(index)
-                _, selected, observed, statistics, _ = self._observe(index, block, inputs, calls[index])
+                _, selected, observed, statistics = self._observe(index, block, inputs, calls[index])
                 names = [p.name for p in observed]
                 covariance = {p.name for p in selected} if self._output_whitening else set()
                 fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index], covariance)
@@ -311,7 +295,7 @@ class SequentialPipeline:
                         if p.name not in shapes:
                             continue
                         svd = ScaledSVD.of(projection_weight(self.model.get_submodule(p.name)), scalings[p.name],
-                                           config.svd_torch_dtype, self._output_root(covariances, p.name))
+                                           self._output_root(covariances, p.name))
                         stats = statistics.get(p.name)
                         # The curve reads XᵀX only for diagonal/identity scalings (whitening already holds it).
                         gram = (stats.gram / stats.count if stats is not None and stats.gram is not None
@@ -445,10 +429,8 @@ class SequentialPipeline:
 
     def _consumable(self, statistics: dict, layouts):
         """Whether nothing reads an observer's Gram matrix once whitening has factored it (then the
-        factor takes over its buffer). Kept with ``refit_up`` (the refit reads Σx_c·x_cᵀ) and for the
-        inputs of latent K/V (their output-side metric and costs read XᵀX)."""
-        if self.config.refit_up:
-            return lambda stats: False
+        factor takes over its buffer). Kept for the inputs of latent K/V (their output-side metric and
+        costs read XᵀX)."""
         keep = {id(statistics.get(layout.source(role))) for layout in layouts or () for role in kv.plan.ROLES}
         return lambda stats: id(stats) not in keep
 
@@ -465,15 +447,14 @@ class SequentialPipeline:
     def _factor(self, hidden, calls, plan: RankPlan, kv_plan) -> None:
         """Pass 2: factor each block with the planned ranks and produce the next block's inputs."""
         config = self.config
-        refit = config.refit_up
-        current, reference = hidden, (hidden if refit else None)
+        current = hidden
         for index, layer in enumerate(tqdm(self.layers, desc="compress blocks", disable=not self.progress)):
             prefix = self._name(index, "")[:-1]
             block = self.weights.load(prefix, layer)
             call = calls[index]
-            graph, selected, observed, statistics, dense_outputs = self._observe(index, block, current, call, reference)
+            graph, selected, observed, statistics = self._observe(index, block, current, call)
             layouts = self._block_layouts(index)
-            if not config.sequential_calibration and dense_outputs is None:
+            if not config.sequential_calibration:
                 with torch.no_grad():  # the dense block's outputs feed the next block
                     dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
             replacements = {}
@@ -485,13 +466,9 @@ class SequentialPipeline:
                         continue
                     dense = self.model.get_submodule(p.name)
                     weight = projection_weight(dense)
-                    svd = ScaledSVD.of(weight, scalings[p.name], config.svd_torch_dtype,
-                                       self._output_root(covariances, p.name))
+                    svd = ScaledSVD.of(weight, scalings[p.name], self._output_root(covariances, p.name))
                     down, up = svd.factors(rank)
                     del svd
-                    if refit:
-                        stats = statistics[p.name]
-                        up = refit_up(weight, down, stats.cross, stats.gram)
                     replacements[p.name] = LowRankLinear.from_factors(
                         down, up, getattr(dense, "bias", None), dtype=weight.dtype, device=weight.device,
                         interpolative=plan.shapes[p.name].interpolative)
@@ -520,7 +497,6 @@ class SequentialPipeline:
                     current = [step(self._feed(x)).cpu() for x in current]
             else:
                 current = dense_outputs
-            reference = dense_outputs if refit else None
             del graph, statistics, scalings, replacements
             if self.on_block_done is not None:
                 self.on_block_done(prefix, self.layers[index])

@@ -162,8 +162,7 @@ class WholeModelPipeline:
             del covariances
         svds = {}
         for name in tqdm(shapes, desc="decompose", disable=not progress):
-            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scalings[name], config.svd_torch_dtype,
-                                      roots.get(name))
+            svds[name] = ScaledSVD.of(projection_weight(model.get_submodule(name)), scalings[name], roots.get(name))
         kv_svds, group_size = {}, None
         if layouts is not None:
             group_size = kv.resolve_group_size(layouts, config.kv_group_size)
@@ -251,8 +250,7 @@ class WholeModelPipeline:
             return kv.uniform_kv_plan(layouts, config.kv_ratio, group_size, config.rank_multiple)
         costs = kv.plan.fisher_kv_costs(layouts, analysis.kv_svds, self._fisher(analysis, config),
                                         analysis.statistics, group_size)
-        return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple,
-                                 equal_widths=config.kv_equal_widths)
+        return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple)
 
     def _strs_sensitivities(self, analysis: Analysis, config: ASVDConfig) -> dict:
         sample = analysis.windows[: config.sensitivity_samples]

@@ -1,4 +1,4 @@
-"""Screen of `--output-whitening gradient` choices on the whole path, selected on validation perplexity.
+"""Screen of `ASVDConfig(output_whitening="gradient")` choices on the whole path, selected on validation perplexity.
 
 Varies the damping λ of G = E[g·gᵀ], the labels the gradients use (``data``: the calibration text's
 next tokens, the empirical Fisher the library uses; ``sampled``: labels drawn from the model's own
@@ -7,9 +7,9 @@ the library's; ``diag``: λ·diag G). Each row prints validation perplexity (30 
 wiki.valid.tokens that touch no calibration window) and test perplexity (the usual protocol).
 A research screen that patches the whole pipeline's internals, not a supported API.
 
-    python benchmarks/output_whitening_screen.py data 0.1,0.01,0.03,0.3,1.0 0.8
-    python benchmarks/output_whitening_screen.py sampled 0.03,0.1 0.8 1
-Results of 2026-11-26: benchmarks/results/output_whitening_screen.log
+    python research/output_whitening_screen.py data 0.1,0.01,0.03,0.3,1.0 0.8
+    python research/output_whitening_screen.py sampled 0.03,0.1 0.8 1
+Results of 2026-11-26: research/results/output_whitening_screen.log
 """
 
 import json

@@ -3,8 +3,8 @@ projection (``bias``), or the whitening Gram centered first so the SVD fits the 
 bias the mean (``centered``, the optimum of E‖Wx − Ŵx − b‖²); ``ow`` adds output whitening with damping λ.
 Validation and test perplexity as in ``output_whitening_screen.py``. A research screen, not an API.
 
-    python benchmarks/mean_compensation_screen.py ow 0.03 0.8 bias,centered
-Results of 2026-11-26: benchmarks/results/output_whitening_screen.log
+    python research/mean_compensation_screen.py ow 0.03 0.8 bias,centered
+Results of 2026-11-26: research/results/output_whitening_screen.log
 """
 
 import json

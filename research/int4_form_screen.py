@@ -8,7 +8,7 @@ test's protocol). Rows: float32; 4 bits everywhere, on `down` only, on `up` only
 weights and compute; and GPTQ (4 bits, each Linear against the Gram matrix of its own inputs from 8
 calibration windows of the float model, damping 0.01) to see whether a data-aware quantizer keeps it.
 
-    python benchmarks/int4_form_screen.py   # writes benchmarks/results/int4_form_screen.md
+    python research/int4_form_screen.py   # writes research/results/int4_form_screen.md
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def variant_perplexity(folder: Path, variant: str, calibration: list[torch.Tenso
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int4_form_screen.md"))
+    parser.add_argument("--out", default=str(ROOT / "research" / "results" / "int4_form_screen.md"))
     args = parser.parse_args()
     from asvd_passes import ASVDCompressor, ASVDConfig
     from asvd_passes.data import random_windows, read_text, tokenize
@@ -139,7 +139,7 @@ def main() -> None:
         "--kv-ratio 0.5, 4 calibration windows, seed 0 (the real-model int4 test's model). Perplexity: "
         "wiki.test.raw, seqlen 512, 5 windows. Weights of every Linear but the LM head rounded in PyTorch "
         f"as MatMulNBits does (asymmetric, block {BLOCK}, round to nearest); GPTQ: 4 bits, per-Linear input "
-        "Gram from 8 validation windows, damping 0.01. `python benchmarks/int4_form_screen.py`.",
+        "Gram from 8 validation windows, damping 0.01. `python research/int4_form_screen.py`.",
         "",
         "| weights | pair | interpolative |",
         "|---|---|---|",
