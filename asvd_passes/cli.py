@@ -6,54 +6,100 @@ import argparse
 import json
 import sys
 
-from .config import DEFAULT_PARAM_RATIO
+from .config import DEFAULT_PARAM_RATIO, DEFAULT_STRS_CANDIDATES
 from .errors import ASVDError, InvalidInputError, MissingFileError
 
 DEFAULT_METHOD = "whiten"
 DEFAULT_ALLOCATION = "fisher"
 
 
+class HelpAllAction(argparse.Action):
+    """``--help-all``: the help with the groups that ``--help`` hides (their options work either way)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None, hidden=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.hidden = hidden  # [(group, description, [(action, help)])], filled by add_compress_arguments
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for group, description, actions in self.hidden:
+            group.description = description
+            for action, text in actions:
+                action.help = text
+        parser.print_help()
+        parser.exit()
+
+
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    """``asvd compress`` options (also ``optimum-cli asvd compress``): the everyday ones in ``--help``,
+    ASVD-paper reproduction and fine control in ``--help-all``."""
     parser.add_argument("model", nargs="?", default=None, help="folder, hub id or .gguf file (default: embedded SmolLM2-135M)")
-    parser.add_argument("--out", required=True, help="output folder (written atomically)")
-    parser.add_argument("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD)
-    parser.add_argument("--param-ratio", type=float, default=None,
+    target = parser.add_argument_group("what to compress")
+    target.add_argument("--out", required=True, help="output folder (written atomically)")
+    target.add_argument("--param-ratio", type=float, default=None,
                         help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with "
                              "--kv-ratio, --ranks or --ppl-target: those alone leave the other weights dense)")
-    parser.add_argument("--kv-ratio", type=float, default=None,
+    target.add_argument("--kv-ratio", type=float, default=None,
                         help="latent KV cache: cached latent width / dense K+V width, in (0, 1]")
-    parser.add_argument("--kv-group-size", type=int, default=None,
-                        help="KV heads per latent group (default: one latent for all KV heads)")
-    parser.add_argument("--kv-allocation", choices=["uniform", "fisher"], default="fisher",
-                        help="per-layer K/V latent ranks (default: fisher)")
-    parser.add_argument("--allocation", choices=["uniform", "strs", "fisher"], default=DEFAULT_ALLOCATION,
-                        help="rank allocation under the budget (default: fisher)")
-    parser.add_argument("--ppl-target", type=float, default=None,
-                        help="with --allocation strs: smallest model whose per-projection probes stay under this perplexity")
-    parser.add_argument("--rank-multiple", type=int, default=1, help="round ranks down to a multiple (e.g. 8)")
-    parser.add_argument("--sensitivity-samples", type=int, default=4, help="calibration windows for sensitivities")
-    parser.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent (method asvd)")
-    parser.add_argument("--asvd-statistic", choices=["abs_mean", "abs_max"], default="abs_mean")
-    parser.add_argument("--ranks", default=None, help="JSON file with an explicit {module_name: rank} map")
-    parser.add_argument("--include-lm-head", action="store_true", help="also compress the LM head")
-    parser.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                        help="dtype the whole-model pipeline loads in (the sequential one keeps the stored dtype)")
-    parser.add_argument("--pipeline", choices=["auto", "whole", "sequential"], default="auto",
-                        help="whole model at once, one decoder block at a time, or auto (printed and recorded in the report)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
-    parser.add_argument("--max-memory", type=float, default=None, metavar="GiB",
-                        help="memory the run may use (RAM on CPU, GPU memory on CUDA); default: what is free")
-    parser.add_argument("--offload-folder", default=None, help="where per-block activations wait between passes")
-    parser.add_argument("--no-sequential-calibration", dest="sequential_calibration", action="store_false",
-                        help="observe every block on the dense model's hidden states (sequential pipeline)")
-    parser.add_argument("--lowrank-form", choices=["pair", "interpolative"], default="pair",
-                        help="storage of each factored projection: pair (two factors, r·(in+out) parameters; "
-                             "the default) or interpolative (r rows of the matrix plus combinations of them, "
-                             "r·(in+out−r): a higher rank for the budget; see README for its ONNX/int4 caveats)")
+    calibration = parser.add_argument_group("calibration")
+    calibration.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
+    calibration.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    calibration.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    calibration.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
+    run.add_argument("--max-memory", type=float, default=None, metavar="GiB",
+                     help="memory the run may use (RAM on CPU, GPU memory on CUDA); default: what is free")
+    run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="dtype the whole-model pipeline loads in (the sequential one keeps the stored dtype)")
+
+    hidden = []  # (group, description, [(action, help)]): shown by --help-all only
+
+    def hidden_group(title: str, description: str):
+        group = parser.add_argument_group(title)
+        hidden.append((group, description, []))
+
+        def add(*flags, help=None, **options):
+            action = group.add_argument(*flags, help=argparse.SUPPRESS, **options)
+            hidden[-1][2].append((action, help))
+        return add
+
+    paper = hidden_group("ASVD paper reproduction",
+                         "the papers' methods and ASVD's STRS search (defaults: whiten + fisher, which measured better)")
+    paper("--method", choices=["svd", "asvd", "whiten"], default=DEFAULT_METHOD,
+          help="scaling S of W·S: identity (svd), diag(stat|x|^alpha) (asvd) or Cholesky of XᵀX (whiten, default)")
+    paper("--alpha", type=float, default=0.5, help="ASVD exponent (method asvd)")
+    paper("--asvd-statistic", choices=["abs_mean", "abs_max"], default="abs_mean", help="ASVD statistic (method asvd)")
+    paper("--allocation", choices=["uniform", "strs", "fisher"], default=DEFAULT_ALLOCATION,
+          help="rank allocation under the budget (default: fisher)")
+    paper("--ppl-target", type=float, default=None,
+          help="with --allocation strs: smallest model whose per-projection probes stay under this perplexity")
+    paper("--strs-candidates", type=_ratios, default=list(DEFAULT_STRS_CANDIDATES), metavar="R,R,...",
+          help=f"with --allocation strs: candidate per-projection ratios (default {','.join(map(str, DEFAULT_STRS_CANDIDATES))})")
+    advanced = hidden_group("advanced", "finer control of ranks, K/V, storage and the pipeline")
+    advanced("--kv-group-size", type=int, default=None, help="KV heads per latent group (default: one latent for all KV heads)")
+    advanced("--kv-allocation", choices=["uniform", "fisher"], default="fisher", help="per-layer K/V latent ranks (default: fisher)")
+    advanced("--rank-multiple", type=int, default=1, help="round ranks down to a multiple (e.g. 8)")
+    advanced("--sensitivity-samples", type=int, default=4, help="calibration windows for sensitivities")
+    advanced("--ranks", default=None, help="JSON file with an explicit {module_name: rank} map")
+    advanced("--include-lm-head", action="store_true", help="also compress the LM head")
+    advanced("--lowrank-form", choices=["pair", "interpolative"], default="pair",
+             help="storage of each factored projection: pair (two factors, r·(in+out) parameters; the default) or "
+                  "interpolative (r rows of the matrix plus combinations of them, r·(in+out−r): a higher rank for "
+                  "the budget, but int4 exports are refused; see docs/BENCHMARKS.md)")
+    advanced("--pipeline", choices=["auto", "whole", "sequential"], default="auto",
+             help="whole model at once, one decoder block at a time, or auto (printed and recorded in the report)")
+    advanced("--offload-folder", default=None, help="where per-block activations wait between passes")
+    advanced("--no-sequential-calibration", dest="sequential_calibration", action="store_false",
+             help="observe every block on the dense model's hidden states (sequential pipeline)")
+    parser.add_argument("--help-all", action=HelpAllAction, hidden=hidden,
+                        help="show the ASVD-paper reproduction and advanced options too")
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ratios, got {text!r}") from err
 
 
 def compress_config(args: argparse.Namespace):
@@ -93,6 +139,7 @@ def compress_config(args: argparse.Namespace):
         offload_folder=args.offload_folder,
         sequential_calibration=args.sequential_calibration,
         lowrank_form=args.lowrank_form,
+        strs_candidates=args.strs_candidates,
     )
 
 

@@ -149,8 +149,57 @@ def test_optimum_cli_plugin_exposes_compress():
     assert optimum_cli, "optimum-cli is not installed"
     result = subprocess.run([optimum_cli, "asvd", "compress", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    for flag in ("--out", "--method", "--param-ratio", "--calib", "--allocation"):
+    for flag in ("--out", "--param-ratio", "--calib", "--help-all"):
         assert flag in result.stdout
+    assert "--method" not in result.stdout
+
+
+def compress_help(flag: str, capsys, parser=None) -> str:
+    """What ``asvd compress FLAG`` (or ``parser`` given FLAG) prints."""
+    from asvd_passes.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        if parser is None:
+            build_parser().parse_args(["compress", flag])
+        else:
+            parser.parse_args([flag])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_lines(text: str) -> list[str]:
+    """The lines that name an option or the positional ``model`` (their wrapped help is indented deeper)."""
+    return [line for line in text.splitlines() if line.startswith("  -") or line.startswith("  model ")]
+
+
+def test_compress_help_shows_at_most_15_options_in_groups(capsys):
+    text = compress_help("--help", capsys)
+    assert len(option_lines(text)) <= 15, option_lines(text)
+    for title in ("what to compress:", "calibration:", "run:"):
+        assert title in text
+    shown = " ".join(line.split()[0] for line in option_lines(text))
+    for hidden in ("--method", "--alpha", "--allocation", "--ppl-target", "--strs-candidates", "--kv-group-size"):
+        assert hidden not in shown
+    assert "ASVD paper reproduction" not in text and "advanced:" not in text
+
+
+@pytest.mark.parametrize("plugin", [False, True], ids=["asvd", "optimum-cli"])
+def test_compress_help_all_shows_the_reproduction_and_advanced_groups(capsys, plugin):
+    import argparse
+
+    from optimum.commands.register.asvd_passes import ASVDCompressCommand
+
+    parser = None
+    if plugin:
+        parser = argparse.ArgumentParser()
+        ASVDCompressCommand.parse_args(parser)
+    text = compress_help("--help-all", capsys, parser)
+    assert "ASVD paper reproduction:" in text and "advanced:" in text
+    for flag in ("--method", "--alpha", "--asvd-statistic", "--allocation", "--ppl-target", "--strs-candidates",
+                 "--kv-group-size", "--lowrank-form", "--pipeline", "--out", "--param-ratio"):
+        assert flag in text
+    assert "--output-whitening" not in text  # a research option: ASVDConfig only
+    assert len(option_lines(text)) > 15
 
 
 @pytest.mark.parametrize(
@@ -161,6 +210,11 @@ def test_optimum_cli_plugin_exposes_compress():
         (["--kv-ratio", "0.5", "--param-ratio", "0.8"], dict(kv_ratio=0.5, param_ratio=0.8), 0.8, True),
         (["--allocation", "strs", "--ppl-target", "40"], dict(allocation="strs", ppl_target=40.0), None, True),
         (["--lowrank-form", "interpolative"], dict(lowrank_form="interpolative"), 0.9, True),
+        # options that only --help-all shows still work
+        (["--method", "asvd", "--alpha", "0.3", "--asvd-statistic", "abs_max"],
+         dict(method="asvd", alpha=0.3, asvd_statistic="abs_max"), 0.9, True),
+        (["--allocation", "strs", "--strs-candidates", "0.5,0.7", "--param-ratio", "0.8"],
+         dict(allocation="strs", strs_candidates=[0.5, 0.7], param_ratio=0.8), 0.8, True),
     ],
 )
 def test_cli_and_python_share_one_param_ratio_rule(argv, kwargs, param_ratio, weights):
