@@ -84,7 +84,7 @@ class ASVDConfig(BaseConfig):
             at a given rank is the same; the budget buys a higher rank in the interpolative form.
             Default ``pair``: the interpolative form measures better at every ratio but rounds less
             well (fp32 logits vs ONNX Runtime 2.8e-4 apart where pairs stay within 1e-4) and its int4
-            export of SmolLM2 was destroyed (README); ``strs`` (ASVD's reproduction) always uses pairs.
+            export of SmolLM2 was destroyed (docs/BENCHMARKS.md); ``strs`` (ASVD's reproduction) always uses pairs.
     """
 
     CONFIG_NAME = "asvd_config.json"

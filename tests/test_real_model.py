@@ -1,7 +1,7 @@
 """End to end on the real SmolLM2-135M (CPU): compress → save → load → evaluate, via the CLI.
 
 These read WikiText-2 from ``../shared/data`` (never copied into the repo). Windows and
-calibration sizes follow the issue's protocol where a bar is asserted; see README for timings.
+calibration sizes follow the issue's protocol where a bar is asserted; see docs/BENCHMARKS.md for timings.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_int4_export_is_small_and_evaluated_by_onnx_runtime(tmp_path, compressed
     """Issue bar: the ASVD 0.9 int4 export is at most 0.15× the dense fp32 model's bytes (4 × 134.5M parameters:
     the dense fp32 export is that plus its graph), every weight MatMul is 4-bit, and ONNX Runtime computes its
     perplexity (5 windows here; the full table is benchmarks/deploy.py's). Block 64: at block 32 the fp32 scales
-    and zero points add 1.1 bits per weight and the file is 0.154× (README); at block 128, which does not divide
+    and zero points add 1.1 bits per weight and the file is 0.154× (docs/BENCHMARKS.md); at block 128, which does not divide
     SmolLM2's hidden 576, the embedding and the LM head quantize their last block differently and cannot share."""
     from exporters import ORTCausalLM, export_onnx
     from asvd_passes.models import load_model_and_tokenizer
