@@ -5,7 +5,7 @@ Both pipelines build them here, so a folder written by either carries the same f
 
 from __future__ import annotations
 
-import resource
+import sys
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
@@ -13,6 +13,11 @@ from torch import nn
 from .config import ASVDConfig
 from .hf_quantizer import ASVDQuantizationConfig
 from .ranks import ProjectionShape, RankPlan
+
+try:
+    import resource  # POSIX only
+except ImportError:  # Windows
+    resource = None
 
 
 @dataclass
@@ -54,7 +59,16 @@ class CompressionReport:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """The process's peak resident set so far, in MiB (0 where the platform does not say)."""
+    if resource is not None:
+        # ru_maxrss is in kilobytes on Linux and the BSDs, in bytes on macOS.
+        unit = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    return getattr(psutil.Process().memory_info(), "peak_wset", 0) / 2**20  # Windows' peak working set
 
 
 def model_params(model: nn.Module) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's asvd_passes, whatever is installed
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from asvd_passes.report import peak_rss_mib  # noqa: E402  (after this checkout is put first)
 
 
 def main() -> int:

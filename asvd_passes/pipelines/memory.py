@@ -45,7 +45,11 @@ def available_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if hasattr(os, "sysconf"):  # macOS: physical memory (no MemAvailable)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    import psutil  # Windows
+
+    return int(psutil.virtual_memory().available)
 
 
 @dataclass

@@ -45,3 +45,22 @@ def test_sequential_estimate_does_not_grow_with_depth(tiny_model):
         estimates.append(estimate(model, decoder_layers(model), 4, 16))
     assert estimates[1].one_block == estimates[0].one_block
     assert estimates[1].whole_path > estimates[0].whole_path
+
+
+def test_available_memory_without_proc_meminfo_or_sysconf(monkeypatch):
+    """Windows: no /proc/meminfo and no ``os.sysconf``; psutil says what is available."""
+    import os
+    import sys
+    import types
+
+    import torch
+
+    from asvd_passes.pipelines import memory
+
+    def no_proc(path, *args, **kwargs):
+        raise OSError(path)
+
+    monkeypatch.setattr(memory, "open", no_proc, raising=False)
+    monkeypatch.delattr(os, "sysconf", raising=False)
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(virtual_memory=lambda: types.SimpleNamespace(available=7 << 30)))
+    assert memory.available_bytes(torch.device("cpu")) == 7 << 30
