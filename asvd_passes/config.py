@@ -24,15 +24,16 @@ LOWRANK_FORMS = ("pair", "interpolative")
 # Fields that older versions wrote into asvd_config.json and this one dropped (options that measured worse
 # or equal): loading such a folder skips them; passing them to ``ASVDConfig(...)`` is an error.
 REMOVED_FIELDS = frozenset({"refit_up", "svd_dtype", "kv_equal_widths"})
-# Keys optimum writes into asvd_config.json besides PretrainedConfig's own (see ``passthrough_keys``).
-OPTIMUM_KEYS = frozenset({"optimum_version", "_commit_hash", "torch_dtype"})
+# Keys a saved asvd_config.json may hold besides PretrainedConfig's current ones: optimum's version stamp,
+# the hub's commit hash, and transformers 4's name for ``dtype`` (see ``passthrough_keys``).
+SAVED_BASE_KEYS = frozenset({"optimum_version", "_commit_hash", "torch_dtype"})
 
 
 @cache
 def passthrough_keys() -> frozenset[str]:
     """Keys of the base classes that ``ASVDConfig(**kwargs)`` hands to them: PretrainedConfig's own
-    fields (what it writes into a saved config) and optimum's version stamp; anything else is a typo."""
-    return frozenset(PretrainedConfig().to_dict()) | OPTIMUM_KEYS
+    fields (what it writes into a saved config) and ``SAVED_BASE_KEYS``; anything else is a typo."""
+    return frozenset(PretrainedConfig().to_dict()) | SAVED_BASE_KEYS
 
 
 def unknown_field_error(name: str, known) -> InvalidInputError:
