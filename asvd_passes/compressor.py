@@ -18,13 +18,10 @@ from torch import nn
 from .config import ASVDConfig
 from .data import calibration_windows
 from .errors import InvalidInputError
-from .plots import plot_ranks
 from .pipelines.whole import Analysis, NoProjectionsError, WholeModelPipeline
-from .report import CompressionReport, build_report, model_params, quantization_config
-from .serialization import atomic_directory, write_json
+from .report import REPORT_FILE, RANKS_PLOT, CompressionReport, build_report, model_params, quantization_config, write_side_files
+from .serialization import atomic_directory
 
-REPORT_FILE = "asvd_report.json"
-RANKS_PLOT = "ranks.png"
 
 __all__ = ["ASVDCompressor", "Analysis", "CompressionReport", "NoProjectionsError", "REPORT_FILE", "RANKS_PLOT"]
 
@@ -177,12 +174,3 @@ class ASVDCompressor(OptimumQuantizer):
             generator = torch.Generator().manual_seed(config.seed)
             return torch.randint(0, self.model.config.vocab_size, (1, config.seqlen), generator=generator)
         return calibration_windows(source, self.model, self.tokenizer, config.calib_samples, config.seqlen, config.seed)
-
-
-def write_side_files(folder, config: ASVDConfig, report: CompressionReport) -> None:
-    """What every compressed folder holds beside the weights: the config, the report, the rank plot."""
-    config.save_pretrained(folder)
-    write_json(Path(folder) / REPORT_FILE, report.to_dict())
-    if report.ranks:
-        plot_ranks(report.ranks, report.max_ranks, Path(folder) / RANKS_PLOT,
-                   f"{report.method} / {report.allocation}: ratio {report.selected_ratio:.3f}")

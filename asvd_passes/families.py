@@ -128,14 +128,6 @@ FAMILIES: tuple[Family, ...] = (
 _BY_CLASS = {cls: family for family in FAMILIES for cls in family.attention_classes}
 
 
-# -- projections ---------------------------------------------------------------------------------
-def stores_transposed(module: nn.Module) -> bool:
-    """Whether a projection keeps its weight in × out (transformers' ``Conv1D``, used by GPT-2)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
 # -- decoder blocks ------------------------------------------------------------------------------
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(path, blocks)``: the qualified name and the ``nn.ModuleList`` of the model's decoder blocks.
@@ -169,8 +161,6 @@ def _attention_class(block: nn.Module, family: Family) -> bool:
 # -- attention modules ---------------------------------------------------------------------------
 def family_of(model: nn.Module, purpose: str = "a latent KV cache") -> Family:
     """The table entry of ``model``'s attention; :class:`UnsupportedModelError` if it has none."""
-    from .kv.modules import LatentKVAttention
-
     try:
         _, blocks = decoder_blocks(model)
     except ValueError as err:
@@ -179,7 +169,7 @@ def family_of(model: nn.Module, purpose: str = "a latent KV cache") -> Family:
     for block in blocks:
         for family in FAMILIES:
             attention = getattr(block, family.attention, None)
-            if isinstance(attention, LatentKVAttention):
+            if isinstance(getattr(attention, "family", None), Family):  # a LatentKVAttention built from the table
                 return attention.family
             if attention is not None and _attention_class(block, family):
                 return family

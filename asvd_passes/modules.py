@@ -145,12 +145,17 @@ def interpolative_factors(down: torch.Tensor, up: torch.Tensor, bound: float = 1
     return skeleton, coefficients, rows
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether a projection keeps its weight in × out (transformers' ``Conv1D``, used by GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
 def projection_weight(module: nn.Module) -> torch.Tensor:
     """The (out × in) weight of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (stored in × out)."""
     if isinstance(module, nn.Linear):
         return module.weight
-    from .families import stores_transposed
-
     if stores_transposed(module):
         return module.weight.t()
     raise TypeError(f"{type(module).__name__} is not a linear projection")

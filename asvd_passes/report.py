@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from torch import nn
 
 from .config import ASVDConfig
 from .hf_quantizer import ASVDQuantizationConfig
+from .plots import plot_ranks
 from .ranks import ProjectionShape, RankPlan
+from .serialization import write_json
+
+REPORT_FILE = "asvd_report.json"
+RANKS_PLOT = "ranks.png"
 
 try:
     import resource  # POSIX only
@@ -129,3 +135,12 @@ def quantization_config(config: ASVDConfig, plan: RankPlan, kv_plan, windows, ca
         lowrank_form=config.lowrank_form,
         **extra,
     )
+
+
+def write_side_files(folder, config: ASVDConfig, report: CompressionReport) -> None:
+    """What every compressed folder holds beside the weights: the config, the report, the rank plot."""
+    config.save_pretrained(folder)
+    write_json(Path(folder) / REPORT_FILE, report.to_dict())
+    if report.ranks:
+        plot_ranks(report.ranks, report.max_ranks, Path(folder) / RANKS_PLOT,
+                   f"{report.method} / {report.allocation}: ratio {report.selected_ratio:.3f}")

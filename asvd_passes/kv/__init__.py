@@ -1,10 +1,10 @@
 """Latent KV cache: K/V projections factored so the cache keeps only their low-rank latents."""
 
 from .cache import cache_nbytes
-from .layout import AttentionLayout, find_attention_layers
+from .layout import AttentionLayout
 from .modules import LatentKVAttention, LatentProjection
 from .plan import KVPlan, greedy_kv_plan, resolve_group_size, uniform_kv_plan
-from .rewrite import apply_kv_plan, expected_kv_shapes, group_svds, replace_with_empty_latent
+from .rewrite import apply_kv_plan, find_attention_layers, expected_kv_shapes, group_svds, replace_with_empty_latent
 
 __all__ = [
     "AttentionLayout",

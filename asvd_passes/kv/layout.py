@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import InvalidInputError
-from ..families import Family, check_latent_support, attention_modules
-from ..modules import projection_shape
+from ..families import Family
 
 
 @dataclass(frozen=True)
@@ -61,28 +59,3 @@ class AttentionLayout:
                 f"kv group size {group_size} must divide the {self.kv_heads} KV heads of {self.name}"
             )
         return self.kv_heads // group_size
-
-
-def find_attention_layers(model: nn.Module, purpose: str = "A latent KV cache") -> list[AttentionLayout]:
-    """Every self-attention module whose K and V projections can be given a latent cache.
-
-    Raises :class:`asvd_passes.families.UnsupportedModelError` for attention the family table does not cover.
-    """
-    from .modules import LatentKVAttention
-
-    family = check_latent_support(model, purpose)
-    config = model.config
-    layouts = []
-    for layer_idx, (name, module) in enumerate(attention_modules(model, family)):
-        if isinstance(module, LatentKVAttention):
-            raise InvalidInputError("This model already has a latent KV cache; compress the original model instead")
-        heads, kv_heads, head_dim = family.head_geometry(module, config)
-        if family.fused:
-            outputs, hidden = projection_shape(getattr(module, family.fused))
-            if outputs != (heads + 2 * kv_heads) * head_dim:
-                raise InvalidInputError(f"{name}.{family.fused} has {outputs} outputs, not Q+K+V of the declared heads")
-        else:
-            hidden = projection_shape(module.k_proj)[1]  # a weight-compressed k_proj is a LowRankLinear
-        layouts.append(AttentionLayout(name, int(getattr(module, "layer_idx", None) or layer_idx), heads, kv_heads,
-                                       head_dim, int(hidden), family.fused, family.output, family.interleaved, family))
-    return layouts

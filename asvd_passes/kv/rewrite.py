@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..decompose import ScaledSVD
-from ..modules import projection_weight, replace_module
+from ..families import attention_modules, check_latent_support
+from ..modules import projection_shape, projection_weight, replace_module
 from ..scaling import Scaling
 from .layout import AttentionLayout
 from .metrics import head_metrics, root_and_inverse
@@ -149,3 +150,26 @@ def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: K
         if layout.fused:
             shapes[f"{name}.q_proj.weight"] = (layout.q_width, layout.hidden)
     return shapes
+
+
+def find_attention_layers(model: nn.Module, purpose: str = "A latent KV cache") -> list[AttentionLayout]:
+    """Every self-attention module whose K and V projections can be given a latent cache.
+
+    Raises :class:`asvd_passes.families.UnsupportedModelError` for attention the family table does not cover.
+    """
+    family = check_latent_support(model, purpose)
+    config = model.config
+    layouts = []
+    for layer_idx, (name, module) in enumerate(attention_modules(model, family)):
+        if isinstance(module, LatentKVAttention):
+            raise InvalidInputError("This model already has a latent KV cache; compress the original model instead")
+        heads, kv_heads, head_dim = family.head_geometry(module, config)
+        if family.fused:
+            outputs, hidden = projection_shape(getattr(module, family.fused))
+            if outputs != (heads + 2 * kv_heads) * head_dim:
+                raise InvalidInputError(f"{name}.{family.fused} has {outputs} outputs, not Q+K+V of the declared heads")
+        else:
+            hidden = projection_shape(module.k_proj)[1]  # a weight-compressed k_proj is a LowRankLinear
+        layouts.append(AttentionLayout(name, int(getattr(module, "layer_idx", None) or layer_idx), heads, kv_heads,
+                                       head_dim, int(hidden), family.fused, family.output, family.interleaved, family))
+    return layouts

@@ -10,7 +10,7 @@ from .. import kv
 from ..config import ASVDConfig
 from ..data import SELFGEN
 from ..errors import InvalidInputError
-from ..report import build_report, model_params, quantization_config
+from ..report import build_report, model_params, quantization_config, write_side_files
 from ..serialization import atomic_directory
 from .blocks import block_prefix
 from .heap import map_large_allocations
@@ -21,7 +21,6 @@ from .weights import ResidentWeights, ShardedWeights, ShardWriter
 
 def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir, filter_fn, progress: bool):
     """Compress with :class:`SequentialPipeline`; returns the ``CompressionReport``."""
-    from ..compressor import write_side_files
     start = time.perf_counter()
     map_large_allocations()  # from loading on, freed block-sized buffers leave the process (heap.py)
     device = resolve_device(config.device)
