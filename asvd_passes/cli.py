@@ -34,7 +34,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     ASVD-paper reproduction and fine control in ``--help-all``."""
     parser.add_argument("model", nargs="?", default=None, help="folder, hub id or .gguf file (default: embedded SmolLM2-135M)")
     target = parser.add_argument_group("what to compress")
-    target.add_argument("--out", required=True, help="output folder (written atomically)")
+    target.add_argument("--out", required=True, help="output folder: new or empty (written atomically)")
+    target.add_argument("--overwrite", action="store_true", help="replace an existing output folder that asvd wrote")
     target.add_argument("--param-ratio", type=float, default=None,
                         help=f"kept/original parameters, in (0, 1] (default {DEFAULT_PARAM_RATIO}, or none with "
                              "--kv-ratio, --ranks or --ppl-target: those alone leave the other weights dense)")
@@ -146,11 +147,15 @@ def compress_config(args: argparse.Namespace):
 def run_compress(args: argparse.Namespace) -> int:
     import torch
 
-    from .compressor import ASVDCompressor
+    from .compressor import REPORT_FILE, ASVDCompressor
+    from .models import local_inputs
+    from .serialization import check_output_folder
 
     config = compress_config(args)
+    # Before a hub download or a GGUF conversion; compress() checks again with what it loaded.
+    check_output_folder(args.out, args.overwrite, REPORT_FILE, local_inputs(args.model))
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    report = compressor.compress(config, save_dir=args.out)
+    report = compressor.compress(config, save_dir=args.out, overwrite=args.overwrite)
     if report.ranks:
         print(rank_summary(report.ranks))
     if report.kv is not None:
@@ -206,7 +211,7 @@ def run_export(args: argparse.Namespace) -> int:
                            dtype=args.dtype, device=args.device, fold_value=args.fold_value,
                            absorb_key=args.absorb_key,
                            layout="genai" if args.genai else "asvd", weights=args.weights, block_size=args.block_size,
-                           progress=True)
+                           progress=True, overwrite=args.overwrite)
     weights = metadata.weights + (f" (block {metadata.block_size})" if metadata.block_size else "")
     print(f"exported a {metadata.kind}-cache model ({metadata.num_layers} layers, opset {metadata.opset}, "
           f"{weights} weights, {metadata.layout} layout) to {args.out}")
@@ -350,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     formats = export.add_subparsers(dest="format", required=True)
     onnx = formats.add_parser("onnx", help="ONNX with the (latent) KV cache as explicit inputs/outputs")
     onnx.add_argument("model", help="a folder that compress wrote, or a dense model folder ('default': embedded)")
-    onnx.add_argument("--out", required=True, help="output folder (written atomically)")
+    onnx.add_argument("--out", required=True, help="output folder: new or empty (written atomically)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing output folder that asvd wrote")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the export (see --weights)")
     onnx.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"], default=None,

@@ -20,7 +20,7 @@ from .data import calibration_windows
 from .errors import InvalidInputError
 from .pipelines.whole import Analysis, NoProjectionsError, WholeModelPipeline
 from .report import REPORT_FILE, RANKS_PLOT, CompressionReport, build_report, model_params, quantization_config, write_side_files
-from .serialization import atomic_directory
+from .serialization import atomic_directory, check_output_folder
 
 
 __all__ = ["ASVDCompressor", "Analysis", "CompressionReport", "NoProjectionsError", "REPORT_FILE", "RANKS_PLOT"]
@@ -38,6 +38,7 @@ class ASVDCompressor(OptimumQuantizer):
         self.tokenizer = tokenizer
         self.source = source  # a local safetensors folder the sequential pipeline can read block by block
         self.dtype = dtype
+        self.inputs: list[Path] = []  # what the user named (folder, .gguf file): save_dir may not replace it
 
     @property
     def model(self) -> nn.Module:
@@ -62,7 +63,7 @@ class ASVDCompressor(OptimumQuantizer):
         """
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path)
-        from .models import load_config, load_model_and_tokenizer, load_tokenizer, local_model_folder
+        from .models import load_config, load_model_and_tokenizer, load_tokenizer, local_inputs, local_model_folder
 
         source = model_or_path
         if file_name is not None:
@@ -70,13 +71,16 @@ class ASVDCompressor(OptimumQuantizer):
         folder = local_model_folder(source)
         if folder is None:
             model, tokenizer = load_model_and_tokenizer(source, dtype=dtype)
-            return cls(model, tokenizer)
-        load_config(folder)  # an unknown architecture or a non-model folder fails here, not later
-        return cls(None, load_tokenizer(folder), source=str(folder), dtype=dtype)
+            compressor = cls(model, tokenizer)
+        else:
+            load_config(folder)  # an unknown architecture or a non-model folder fails here, not later
+            compressor = cls(None, load_tokenizer(folder), source=str(folder), dtype=dtype)
+        compressor.inputs = local_inputs(source)
+        return compressor
 
-    def quantize(self, save_dir, **kwargs):
+    def quantize(self, save_dir, overwrite: bool = False, **kwargs):
         """Optimum's entry point: same as :meth:`compress`."""
-        return self.compress(save_dir=save_dir, **kwargs)
+        return self.compress(save_dir=save_dir, overwrite=overwrite, **kwargs)
 
     def compress(
         self,
@@ -85,14 +89,20 @@ class ASVDCompressor(OptimumQuantizer):
         save_dir: str | Path | None = None,
         filter_fn: Callable[[str, nn.Module], bool] | None = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> CompressionReport:
         """Compress ``self.model`` in place; write ``save_dir`` (atomically) when given.
 
         ``calibration`` overrides ``config.calibration``: a source string or a ready (n, seqlen) tensor
         of token ids. ``filter_fn(name, module)`` narrows which projections are compressed.
+        An existing non-empty ``save_dir`` is refused before any work unless ``overwrite`` is set and it
+        holds ``asvd_report.json`` (a folder this tool wrote); the input model's folder, or one holding
+        it, is refused always.
         """
         config = config or ASVDConfig()
         config.validate()
+        if save_dir is not None:
+            check_output_folder(save_dir, overwrite, REPORT_FILE, self.input_paths())
         pipeline, reason = self.choose_pipeline(config)
         self._pipeline = {"name": pipeline, "reason": reason}
         if progress:
@@ -100,11 +110,18 @@ class ASVDCompressor(OptimumQuantizer):
         if pipeline == "sequential":
             from .pipelines.run import compress_sequentially
 
-            report = compress_sequentially(self, config, calibration, save_dir, filter_fn, progress)
+            report = compress_sequentially(self, config, calibration, save_dir, filter_fn, progress, overwrite)
         else:
             analysis = self.analyze(config, calibration, filter_fn, progress)
-            report = self.apply(analysis, config, save_dir=save_dir, progress=progress)
+            report = self.apply(analysis, config, save_dir=save_dir, progress=progress, overwrite=overwrite)
         return report
+
+    def input_paths(self) -> list[Path]:
+        """The local files and folders this compressor reads its model from: never an output."""
+        from .models import local_inputs
+
+        paths = list(self.inputs) + ([Path(self.source)] if self.source is not None else [])
+        return paths + (local_inputs(self._model) if self._model is not None else [])
 
     def choose_pipeline(self, config: ASVDConfig) -> tuple[str, str]:
         """``(pipeline, why)``: the configured one, or for ``auto`` the rule in docs/ARCHITECTURE.md."""
@@ -133,7 +150,8 @@ class ASVDCompressor(OptimumQuantizer):
         analysis.seconds = {"calibration_data": data_seconds, **analysis.seconds}
         return analysis
 
-    def apply(self, analysis: Analysis, config: ASVDConfig, save_dir=None, progress: bool = True) -> CompressionReport:
+    def apply(self, analysis: Analysis, config: ASVDConfig, save_dir=None, progress: bool = True,
+              overwrite: bool = False) -> CompressionReport:
         """Whole-model path, second half: allocate for ``config``'s budget, swap modules in, report, save."""
         model = self.model
         pipeline = WholeModelPipeline(model, progress)
@@ -147,11 +165,12 @@ class ASVDCompressor(OptimumQuantizer):
         report = build_report(config, plan, kv_plan, analysis.shapes, seconds, int(analysis.windows.numel()),
                               params_before, model_params(model), getattr(self, "_pipeline", None))
         if save_dir is not None:
-            self.save(save_dir, config, report)
+            self.save(save_dir, config, report, overwrite)
         return report
 
-    def save(self, save_dir, config: ASVDConfig, report: CompressionReport) -> None:
-        with atomic_directory(save_dir) as staging:
+    def save(self, save_dir, config: ASVDConfig, report: CompressionReport, overwrite: bool = False) -> None:
+        """Write the model, tokenizer and side files to ``save_dir`` (rules: :meth:`compress`)."""
+        with atomic_directory(save_dir, overwrite, REPORT_FILE, self.input_paths()) as staging:
             self.model.save_pretrained(staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)

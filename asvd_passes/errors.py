@@ -23,7 +23,8 @@ class MissingFileError(ASVDError, FileNotFoundError):
 
 
 class OutputExistsError(ASVDError, FileExistsError):
-    """The output path exists and is not a folder."""
+    """The output path may not be written: a file, a folder this tool did not write (or without
+    ``overwrite``), or the input model itself or a folder holding it."""
 
 
 class MissingDependencyError(ASVDError, ImportError):

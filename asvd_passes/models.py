@@ -131,6 +131,23 @@ def load_tokenizer(folder: str | os.PathLike):
         return None  # a weights-only folder: plain SVD or token-id calibration still work
 
 
+def local_inputs(model) -> list[Path]:
+    """The local files and folders that ``model`` (as :func:`load_model_and_tokenizer` takes it, or a model
+    object) is read from, found without loading or converting anything; an output must not replace them."""
+    if model is None:
+        paths = [cache_dir() / EMBEDDED_MODEL_NAME]
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+        if spec is not None and spec.submodule_search_locations:
+            paths.append(Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF)
+        return paths
+    if isinstance(model, torch.nn.Module):
+        model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if model is None:
+            return []
+    path = Path(model)
+    return [path] if path.exists() else []  # a hub id: nothing local to protect
+
+
 def resolve_model_path(model: str | os.PathLike | None) -> str:
     """Map ``None`` to the embedded default; leave folders and hub ids as they are."""
     if model is None:

@@ -55,7 +55,8 @@ def build_variants(args, workdir: Path) -> dict[str, Path]:
         return ASVDCompressor.from_pretrained(None)
 
     tick = time.perf_counter()
-    export_onnx(fresh().model, workdir / "dense", dtype=args.dtype, device=args.torch_device)
+    # A --workdir of an earlier run holds this script's exports: re-made here (without --reuse), so replaced.
+    export_onnx(fresh().model, workdir / "dense", dtype=args.dtype, device=args.torch_device, overwrite=True)
     print(f"dense export {time.perf_counter() - tick:.0f} s", flush=True)
     variants["dense"] = workdir / "dense"
     for group_size in [int(g) for g in args.group_sizes.split(",")]:
@@ -74,7 +75,7 @@ def build_variants(args, workdir: Path) -> dict[str, Path]:
             label = f"latent G={group_size}" + ("" if fold == "always" else " (rebuild V)")
             tick = time.perf_counter()
             export_onnx(compressor.model, workdir / label.replace(" ", "_").replace("=", ""), dtype=args.dtype,
-                        device=args.torch_device, fold_value=fold)
+                        device=args.torch_device, fold_value=fold, overwrite=True)
             print(f"{label} export {time.perf_counter() - tick:.0f} s", flush=True)
             variants[label] = workdir / label.replace(" ", "_").replace("=", "")
     return variants

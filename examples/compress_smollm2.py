@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.9)
     parser.add_argument("--out", default="out/example")
     parser.add_argument("--windows", type=int, default=30)
+    parser.add_argument("--overwrite", action="store_true", help="replace the output folder of an earlier run")
     args = parser.parse_args()
 
     calibration = DATA / "wiki.valid.tokens"
@@ -35,7 +36,7 @@ def main() -> None:
         seed=0,
     )
     compressor = ASVDCompressor.from_pretrained(None)  # None = the embedded SmolLM2-135M
-    report = compressor.compress(config, save_dir=args.out)
+    report = compressor.compress(config, save_dir=args.out, overwrite=args.overwrite)
     print(report.summary())
 
     reloaded = AutoModelForCausalLM.from_pretrained(args.out)  # plain transformers, no remote code

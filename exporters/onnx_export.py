@@ -259,8 +259,13 @@ def export_onnx(
     weights: str | None = None,
     block_size: int = 32,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> ExportMetadata:
     """Export to ``out_dir/model.onnx`` (+ ``asvd_onnx.json`` and the tokenizer), written atomically.
+
+    An existing non-empty ``out_dir`` is refused before any work unless ``overwrite`` is set and it
+    holds ``asvd_onnx.json`` (an export this tool wrote); the model's folder, or one holding it, is
+    refused always.
 
     ``fold_value``: how latent V is read in the exported graph: ``always`` (attend over the V latent,
     then V's up: cheapest for decoding), ``never`` (rebuild V), ``auto`` is not exportable (it
@@ -278,7 +283,8 @@ def export_onnx(
     export fails.
     """
     from asvd_passes.families import check_latent_support
-    from asvd_passes.models import load_model_and_tokenizer
+    from asvd_passes.models import load_model_and_tokenizer, local_inputs
+    from asvd_passes.serialization import check_output_folder
 
     from .quantize import check_quantizable, check_weights
 
@@ -298,6 +304,8 @@ def export_onnx(
         raise InvalidInputError(f"dtype must be fp32 or fp16, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UnavailableError("--device cuda was asked for, but torch sees no CUDA device")
+    inputs = local_inputs(model_or_path)
+    check_output_folder(out_dir, overwrite, METADATA_FILE, inputs)  # before loading and tracing, which take minutes
     tokenizer = None
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
@@ -308,11 +316,11 @@ def export_onnx(
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
         return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, absorb_key, layout, weights,
-                       block_size, progress)
+                       block_size, progress, overwrite, inputs)
 
 
 def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_key, layout, weights, block_size,
-            progress) -> ExportMetadata:
+            progress, overwrite, inputs) -> ExportMetadata:
     """The export proper, on a model that :func:`_prepared` has set up."""
     import onnx
 
@@ -352,7 +360,7 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
         absorb_key=absorb_key if any(a.can_absorb_key() for a in _latent_attentions(model)) else "never",
         weights=weights, block_size=block_size if weights in ("int8", "int4") else None,
     )
-    with atomic_directory(out_dir) as staging, _attention_policy(fold_value, absorb_key, weights in ("int8", "int4")), torch.no_grad():
+    with atomic_directory(out_dir, overwrite, METADATA_FILE, inputs) as staging, _attention_policy(fold_value, absorb_key, weights in ("int8", "int4")), torch.no_grad():
         staging = Path(staging)
         _progress(progress, f"tracing and converting to ONNX ({kind} cache, {layout} layout)")
         program = torch.onnx.export(

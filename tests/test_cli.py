@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -142,6 +143,86 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
     result = run("compress", str(folder), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "architecture" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", [["compress"], ["export", "onnx"]])
+def test_existing_output_folder_refused_without_overwrite(tiny_folder, tmp_path, capsys, monkeypatch, command):
+    """Refused before the model is opened: a hub download or a GGUF conversion would come first."""
+    import asvd_passes.compressor
+    import asvd_passes.models
+    from asvd_passes.cli import main
+
+    def not_before_the_check(*args, **kwargs):
+        raise AssertionError("the model was opened before the output folder was checked")
+
+    monkeypatch.setattr(asvd_passes.compressor.ASVDCompressor, "from_pretrained", not_before_the_check)
+    monkeypatch.setattr(asvd_passes.models, "load_model_and_tokenizer", not_before_the_check)
+    marker = "asvd_report.json" if command == ["compress"] else "asvd_onnx.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / marker).write_text("{}")  # a folder asvd wrote
+    (out / "weights.bin").write_bytes(b"previous run")
+    before = file_hashes(out)
+    assert main([*command, str(tiny_folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"output folder {out} already exists; pass --overwrite" in err and err.count("\n") == 1
+    (out / marker).unlink()  # now a folder asvd did not write: refused even with --overwrite
+    assert main([*command, str(tiny_folder), "--out", str(out), "--overwrite"]) == 2
+    assert f"{out} is not empty and holds no {marker}" in capsys.readouterr().err
+    before.pop(marker)
+    assert file_hashes(out) == before
+
+
+@pytest.mark.parametrize("command", [["compress"], ["export", "onnx"]])
+def test_output_that_is_or_holds_the_input_refused(tiny_folder, capsys, command):
+    from asvd_passes.cli import main
+
+    before = file_hashes(tiny_folder.parent)
+    for target in (tiny_folder, tiny_folder.parent):
+        assert main([*command, str(tiny_folder), "--out", str(target), "--overwrite"]) == 2
+        assert "the input" in capsys.readouterr().err
+    assert file_hashes(tiny_folder.parent) == before
+
+
+def test_compress_overwrite_replaces_a_folder_asvd_wrote(tiny_folder, tmp_path):
+    from asvd_passes.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "asvd_report.json").write_text("{}")  # what a previous run left
+    (out / "stale.txt").write_text("from the previous run")
+    calib = tmp_path.parent / f"{tmp_path.name}-calib.txt"  # a short text tokenizes in no time
+    calib.write_text(" ".join(DATA.joinpath("wiki.valid.tokens").read_text(encoding="utf-8").split()[:400]))
+    assert main(["compress", str(tiny_folder), "--out", str(out), "--method", "svd", "--allocation", "uniform",
+                 "--param-ratio", "0.9", "--calib", str(calib), "--calib-samples", "2", "--seqlen", "32",
+                 "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "asvd_report.json").read_text())["selected_ratio"] <= 0.9
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup folder left
+
+
+def test_optimum_cli_compress_refuses_an_existing_folder(tmp_path, capsys):
+    import argparse
+
+    from optimum.commands.register.asvd_passes import ASVDCompressCommand
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    parser = argparse.ArgumentParser()
+    ASVDCompressCommand.parse_args(parser)
+    command = ASVDCompressCommand.__new__(ASVDCompressCommand)
+    command.args = parser.parse_args(["--out", str(out), "--overwrite"])
+    assert command.args.overwrite is True
+    with pytest.raises(SystemExit) as exited:
+        command.run()
+    assert exited.value.code == 2 and "holds no asvd_report.json" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_optimum_cli_plugin_exposes_compress():

@@ -1,8 +1,11 @@
-"""Saved folders: safetensors only, reload through ``from_pretrained``, corruption checks, atomic writes."""
+"""Saved folders: safetensors only, reload through ``from_pretrained``, corruption checks, atomic writes, and
+which existing folders may be replaced."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,12 +18,13 @@ import asvd_passes as ap
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def compress(model, calibration, save_dir, filter_fn=None, **config):
+def compress(model, calibration, save_dir, filter_fn=None, overwrite=False, **config):
     config.setdefault("method", "whiten")
     config.setdefault("allocation", "uniform")  # these tests are about the rewrite, not rank allocation
     config.setdefault("param_ratio", 0.6)
     return ap.ASVDCompressor(model).compress(
-        ap.ASVDConfig(**config), calibration=calibration, save_dir=save_dir, filter_fn=filter_fn, progress=False
+        ap.ASVDConfig(**config), calibration=calibration, save_dir=save_dir, filter_fn=filter_fn, progress=False,
+        overwrite=overwrite,
     )
 
 
@@ -186,40 +190,126 @@ def test_failing_save_leaves_no_folder(tiny_model, tokens, tmp_path, monkeypatch
     assert leftovers(tmp_path) == []
 
 
-def test_existing_folder_replaced(tiny_model, tokens, tmp_path):
+def svd_compress(compressor, tokens, save_dir, **kwargs):
+    """The cheapest ``compress`` that saves: plain SVD, uniform ranks, two short windows."""
+    config = ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.6)
+    return compressor.compress(config, calibration=tokens(2, 16), save_dir=save_dir, progress=False, **kwargs)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_folder_refused_without_overwrite(tiny_model, tokens, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    svd_compress(ap.ASVDCompressor(tiny_model("llama")), tokens, out)
+    before = file_hashes(out)
+    with pytest.raises(ap.OutputExistsError, match=rf"{re.escape(str(out))} already exists; pass --overwrite"):
+        svd_compress(ap.ASVDCompressor(tiny_model("llama", seed=1)), tokens, out)
+    assert file_hashes(out) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_folder_asvd_wrote_replaced_with_overwrite(tiny_model, tokens, tmp_path):
+    out = tmp_path / "out"
+    svd_compress(ap.ASVDCompressor(tiny_model("opt")), tokens, out)
     (out / "stale.txt").write_text("old run")
-    (out / "model.safetensors").write_bytes(b"not a model")
-    model = tiny_model("opt")
-    compress(model, tokens(4, 32), out)
+    model = tiny_model("opt", seed=1)
+    svd_compress(ap.ASVDCompressor(model), tokens, out, overwrite=True)
     assert not (out / "stale.txt").exists()
     assert leftovers(tmp_path) == []
     ids = tokens(1, 8)
     assert torch.equal(logits(load(out), ids), logits(model, ids))
 
 
-def test_existing_folder_kept_when_save_fails(tiny_model, tokens, tmp_path, monkeypatch):
+def test_empty_existing_folder_accepted(tiny_model, tokens, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "previous.txt").write_text("previous run")
-    model = tiny_model("phi3")
+    model = tiny_model("llama")
+    svd_compress(ap.ASVDCompressor(model), tokens, out)
+    assert torch.equal(logits(load(out), tokens(1, 8)), logits(model, tokens(1, 8)))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_folder_asvd_did_not_write_refused_even_with_overwrite(tiny_model, tokens, tmp_path, overwrite):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (out / "model.safetensors").write_bytes(b"not ours")
+    before = file_hashes(out)
+    with pytest.raises(ap.OutputExistsError, match=rf"{re.escape(str(out))} is not empty and holds no asvd_report.json"):
+        svd_compress(ap.ASVDCompressor(tiny_model("llama")), tokens, out, overwrite=overwrite)
+    assert file_hashes(out) == before
+    assert leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A saved tiny Llama that ``from_pretrained`` opens lazily (the sequential pipeline reads it block by block),
+    marked as if asvd wrote it, so that only the input rule can refuse replacing it."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "models" / "llama"
+    make_tiny_model("llama").save_pretrained(folder)
+    (folder / ap.compressor.REPORT_FILE).write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("pipeline", ["whole", "sequential"])
+def test_input_folder_and_folders_holding_it_refused(model_folder, tokens, tmp_path, pipeline):
+    before = file_hashes(tmp_path / "models")
+    (tmp_path / "link").symlink_to(model_folder, target_is_directory=True)
+    config = ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.6, pipeline=pipeline)
+    for target in (model_folder, model_folder.parent, tmp_path / "link"):
+        compressor = ap.ASVDCompressor.from_pretrained(str(model_folder))
+        with pytest.raises(ap.OutputExistsError, match=r"(is|contains) the input .*choose another output folder"):
+            compressor.compress(config, calibration=tokens(2, 16), save_dir=target, overwrite=True, progress=False)
+        # A model loaded elsewhere remembers its folder (config._name_or_path) and is refused the same way.
+        loaded = ap.ASVDCompressor(AutoModelForCausalLM.from_pretrained(model_folder))
+        with pytest.raises(ap.OutputExistsError, match="the input"):
+            loaded.compress(config, calibration=tokens(2, 16), save_dir=target, overwrite=True, progress=False)
+    assert file_hashes(tmp_path / "models") == before
+    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "models") == []
+
+
+@pytest.mark.parametrize("pipeline", ["whole", "sequential"])
+def test_output_refused_before_any_work(model_folder, tokens, tmp_path, monkeypatch, pipeline):
+    """Loading and calibration (minutes to hours on a real model) do not start when the output is refused."""
+    reached = []
+    monkeypatch.setattr(ap.ASVDCompressor, "_calibration", lambda self, *args: reached.append("calibration"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    compressor = ap.ASVDCompressor.from_pretrained(str(model_folder))
+    config = ap.ASVDConfig(method="svd", allocation="uniform", param_ratio=0.6, pipeline=pipeline)
+    with pytest.raises(ap.OutputExistsError):
+        compressor.compress(config, calibration=tokens(2, 16), save_dir=out, overwrite=True, progress=False)
+    assert reached == [] and compressor._model is None  # neither calibrated nor loaded
+
+
+def test_existing_folder_kept_when_save_fails(tiny_model, tokens, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    svd_compress(ap.ASVDCompressor(tiny_model("phi3")), tokens, out)
+    before = file_hashes(out)
+    model = tiny_model("phi3", seed=1)
 
     def fail(folder, *args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(model, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
-        compress(model, tokens(2, 16), out)
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+        svd_compress(ap.ASVDCompressor(model), tokens, out, overwrite=True)
+    assert file_hashes(out) == before
     assert leftovers(tmp_path) == []
 
 
 def test_save_dir_that_is_a_file(tiny_model, tokens, tmp_path):
     target = tmp_path / "out"
     target.write_text("a file")
-    with pytest.raises(FileExistsError):
-        compress(tiny_model("llama"), tokens(2, 16), target)
+    with pytest.raises(ap.OutputExistsError, match="exists and is not a folder"):
+        compress(tiny_model("llama"), tokens(2, 16), target, overwrite=True)
     assert target.read_text() == "a file"
     assert leftovers(tmp_path) == []
 

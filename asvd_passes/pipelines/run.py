@@ -10,7 +10,7 @@ from .. import kv
 from ..config import ASVDConfig
 from ..data import SELFGEN
 from ..errors import InvalidInputError
-from ..report import build_report, model_params, quantization_config, write_side_files
+from ..report import REPORT_FILE, build_report, model_params, quantization_config, write_side_files
 from ..serialization import atomic_directory
 from .blocks import block_prefix
 from .heap import map_large_allocations
@@ -19,7 +19,8 @@ from .sequential import SequentialPipeline
 from .weights import ResidentWeights, ShardedWeights, ShardWriter
 
 
-def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir, filter_fn, progress: bool):
+def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir, filter_fn, progress: bool,
+                          overwrite: bool = False):
     """Compress with :class:`SequentialPipeline`; returns the ``CompressionReport``."""
     start = time.perf_counter()
     map_large_allocations()  # from loading on, freed block-sized buffers leave the process (heap.py)
@@ -68,10 +69,10 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
         report = _report(compressor, model, config, result, windows, params_before, seconds, start, source)
         _set_quantization_config(model, config, result, windows, source)
         if save_dir is not None:
-            compressor.save(save_dir, config, report)
+            compressor.save(save_dir, config, report, overwrite)
         return report
 
-    with atomic_directory(save_dir) as staging:
+    with atomic_directory(save_dir, overwrite, REPORT_FILE, compressor.input_paths()) as staging:
         writer = ShardWriter(staging)
 
         def write_block(name, block):
