@@ -41,11 +41,12 @@ from ..decompose import ScaledSVD, output_root
 from ..errors import InvalidInputError
 from ..graph import InsertObserversPass, LowRankRewritePass, RemoveObserversPass, find_projections, group_by_input
 from ..modules import LowRankLinear, projection_weight, replace_module
-from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
+from ..ranks import ProjectionShape, RankPlan
 from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
 from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
 from .heap import return_freed_memory
+from . import planning
 
 
 class SequentialPipelineError(InvalidInputError):
@@ -224,24 +225,12 @@ class SequentialPipeline:
 
     def _plan(self, shapes, curves) -> RankPlan:
         config = self.config
-        if not config.compresses_weights:
-            return RankPlan({}, {})
-        if config.ranks and config.param_ratio is None:
-            return explicit_plan(shapes, config.ranks)
-        if config.allocation == "uniform":
-            plan = uniform_ratio_plan(shapes, config.param_ratio, config.rank_multiple)
-        else:
-            plan = greedy_plan(shapes, lambda name, rank: curves[name][min(rank, len(curves[name]) - 1)],
-                               config.param_ratio, config.rank_multiple)
-        return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
+        return planning.weight_plan(config, shapes, lambda: greedy_plan(
+            shapes, lambda name, rank: curves[name][min(rank, len(curves[name]) - 1)], config.param_ratio,
+            config.rank_multiple))
 
     def _kv_plan(self, costs):
-        if not self.kv_layouts:
-            return None
-        config = self.config
-        if config.kv_allocation == "uniform":
-            return kv.uniform_kv_plan(self.kv_layouts, config.kv_ratio, self.group_size, config.rank_multiple)
-        return kv.greedy_kv_plan(self.kv_layouts, costs, config.kv_ratio, self.group_size, config.rank_multiple)
+        return planning.kv_plan(self.config, self.kv_layouts, self.group_size, lambda: costs)
 
     def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall):
         """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats."""
@@ -435,13 +424,8 @@ class SequentialPipeline:
         return lambda stats: id(stats) not in keep
 
     def _kv_svds(self, layouts, scalings, statistics):
-        grams = None
-        if self.config.kv_output_metric:
-            grams = {
-                name: statistics[name].gram / statistics[name].count
-                for name in {l.source(r) for l in layouts for r in kv.plan.ROLES}
-                if name in statistics and statistics[name].gram is not None
-            }
+        sources = {l.source(r) for l in layouts for r in kv.plan.ROLES}
+        grams = planning.mean_grams(statistics, sources) if self.config.kv_output_metric else None
         return kv.group_svds(self.model, layouts, scalings, self.group_size, grams)
 
     def _factor(self, hidden, calls, plan: RankPlan, kv_plan) -> None:

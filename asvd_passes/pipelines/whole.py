@@ -30,8 +30,9 @@ from ..graph import (
 )
 from ..models import cache_dir
 from ..modules import LowRankLinear, projection_weight, replace_module
-from ..ranks import ProjectionShape, RankPlan, explicit_plan, shapes_in_form, uniform_ratio_plan
+from ..ranks import ProjectionShape, RankPlan, shapes_in_form
 from ..scaling import shared_scalings
+from . import planning
 
 
 class NoProjectionsError(InvalidInputError):
@@ -166,13 +167,8 @@ class WholeModelPipeline:
         kv_svds, group_size = {}, None
         if layouts is not None:
             group_size = kv.resolve_group_size(layouts, config.kv_group_size)
-            grams = None
-            if config.kv_output_metric:  # the key metric needs the input Gram; without it only V is weighted
-                grams = {
-                    name: statistics[name].gram / statistics[name].count
-                    for name in kv_sources
-                    if name in statistics and statistics[name].gram is not None
-                }
+            # The key metric needs the input Gram; without it only V is weighted.
+            grams = planning.mean_grams(statistics, kv_sources) if config.kv_output_metric else None
             kv_svds = kv.group_svds(model, layouts, {name: scalings[name] for name in kv_sources}, group_size, grams)
         seconds["decompose"] = time.perf_counter() - tick
         return Analysis(
@@ -185,15 +181,15 @@ class WholeModelPipeline:
         """Weight and KV plans for ``config``'s budget, and the seconds charged to allocation."""
         measured_before = analysis.total_sensitivity_seconds()
         tick = time.perf_counter()
-        plan = self._plan(analysis, config) if config.compresses_weights else RankPlan({}, {})
+        plan = self._plan(analysis, config)
         # Both plans read the dense model (sensitivities), so both are made before anything is swapped.
-        kv_plan = self._kv_plan(analysis, config) if analysis.kv_layouts else None
+        kv_plan = self._kv_plan(analysis, config)
         charged = ({config.allocation} if config.compresses_weights else set()) | (
             {"fisher"} if kv_plan is not None and config.kv_allocation == "fisher" else set()
         )
         # Sensitivities measured during this call are inside the elapsed time; charge each one once.
-        planning = time.perf_counter() - tick - (analysis.total_sensitivity_seconds() - measured_before)
-        return plan, kv_plan, planning + sum(analysis.sensitivity_seconds(key) for key in charged)
+        planning_seconds = time.perf_counter() - tick - (analysis.total_sensitivity_seconds() - measured_before)
+        return plan, kv_plan, planning_seconds + sum(analysis.sensitivity_seconds(key) for key in charged)
 
     def apply(self, analysis: Analysis, plan: RankPlan, kv_plan) -> None:
         """Swap the factored modules (and latent attention) into the model."""
@@ -210,30 +206,19 @@ class WholeModelPipeline:
     # -- allocation --------------------------------------------------------------------------------
 
     def _plan(self, analysis: Analysis, config: ASVDConfig) -> RankPlan:
-        """Ranks from the configured allocation; an explicit ``ranks`` map overrides what it names."""
+        """Ranks from the configured allocation (see ``planning.weight_plan``)."""
         shapes = shapes_in_form(analysis.shapes, config.interpolative)  # the budget counts what is stored
-        if config.ranks and config.param_ratio is None:
-            return explicit_plan(shapes, config.ranks)
-        if config.allocation == "uniform":
-            plan = uniform_ratio_plan(shapes, config.param_ratio, config.rank_multiple)
-        elif config.allocation == "fisher":
-            fisher = self._fisher(analysis, config)
-            grams = {
-                name: stats.gram / stats.count
-                for name, stats in analysis.statistics.items()
-                if name in shapes and stats.gram is not None
-            }
-            plan = fisher_plan(shapes, analysis.svds, fisher, grams, config.param_ratio, config.rank_multiple)
-        else:
+
+        def allocate() -> RankPlan:
+            if config.allocation == "fisher":
+                grams = planning.mean_grams(analysis.statistics, shapes)
+                return fisher_plan(shapes, analysis.svds, self._fisher(analysis, config), grams, config.param_ratio,
+                                   config.rank_multiple)
             sensitivities = analysis.cached("strs", lambda: self._strs_sensitivities(analysis, config))
-            plan = strs_plan(
-                shapes,
-                sensitivities,
-                ratio=None if config.ppl_target is not None else config.param_ratio,
-                ppl_target=config.ppl_target,
-                multiple=config.rank_multiple,
-            )
-        return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
+            return strs_plan(shapes, sensitivities, ratio=None if config.ppl_target is not None else config.param_ratio,
+                             ppl_target=config.ppl_target, multiple=config.rank_multiple)
+
+        return planning.weight_plan(config, shapes, allocate)
 
     def _fisher(self, analysis: Analysis, config: ASVDConfig) -> dict:
         """Diagonal Fisher of every weight-plan projection and every K/V source, in one set of passes."""
@@ -245,12 +230,10 @@ class WholeModelPipeline:
         return analysis.cached("fisher", lambda: output_fisher(self.model, names, sample, progress=self.progress))
 
     def _kv_plan(self, analysis: Analysis, config: ASVDConfig) -> "kv.KVPlan":
-        layouts, group_size = analysis.kv_layouts, analysis.kv_group_size
-        if config.kv_allocation == "uniform":
-            return kv.uniform_kv_plan(layouts, config.kv_ratio, group_size, config.rank_multiple)
-        costs = kv.plan.fisher_kv_costs(layouts, analysis.kv_svds, self._fisher(analysis, config),
-                                        analysis.statistics, group_size)
-        return kv.greedy_kv_plan(layouts, costs, config.kv_ratio, group_size, config.rank_multiple)
+        return planning.kv_plan(config, analysis.kv_layouts, analysis.kv_group_size,
+                       lambda: kv.plan.fisher_kv_costs(analysis.kv_layouts, analysis.kv_svds,
+                                                       self._fisher(analysis, config), analysis.statistics,
+                                                       analysis.kv_group_size))
 
     def _strs_sensitivities(self, analysis: Analysis, config: ASVDConfig) -> dict:
         sample = analysis.windows[: config.sensitivity_samples]
