@@ -41,7 +41,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                        help="dtype the whole-model pipeline loads in (the sequential one keeps the stored dtype)")
+                        help="dtype a model loaded whole (whole pipeline, selfgen calibration) is loaded and computed in; "
+                             "the output keeps the input checkpoint's dtype")
     parser.add_argument("--pipeline", choices=["auto", "whole", "sequential"], default="auto",
                         help="whole model at once, one decoder block at a time, or auto (printed and recorded in the report)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")

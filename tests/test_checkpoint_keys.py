@@ -113,3 +113,24 @@ def test_saved_folder_compresses_at_a_param_ratio_and_reloads(family, saved_fold
     assert report["model_params_before"] == stored_params(folder)
     assert report["model_params_after"] == stored_params(out)
     assert torch.isfinite(_logits(out, token_batch(2, 12, seed=4))).all()
+
+
+def test_selfgen_keeps_the_stored_dtype_and_reports_the_written_params(saved_folder, tmp_path, monkeypatch):
+    """The default calibration (selfgen) loads the tied Llama whole, in float32: the output is still bfloat16 like
+    its input, and the report's whole-model figures are those of the written files (tied weights once)."""
+    import asvd_passes.models
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+    load_model = asvd_passes.models.load_model
+    monkeypatch.setattr(asvd_passes.models, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+    folder = saved_folder("llama", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), "--out", str(out), "--param-ratio", "0.9", *CALIB]) == 0
+    assert loads  # the in-memory branch ran (selfgen generates with the whole model)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    report = json.loads((out / "asvd_report.json").read_text())
+    assert report["model_params_before"] == stored_params(folder)
+    assert report["model_params_after"] == stored_params(out)
+    assert report["model_ratio"] == stored_params(out) / stored_params(folder)
