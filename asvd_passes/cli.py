@@ -51,7 +51,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-memory", type=float, default=None, metavar="GiB",
                      help="memory the run may use (RAM on CPU, GPU memory on CUDA); default: what is free")
     run.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                     help="dtype the whole-model pipeline loads in (the sequential one keeps the stored dtype)")
+                     help="dtype a model loaded whole (whole pipeline, selfgen calibration) is loaded and computed in; "
+                          "the output keeps the input checkpoint's dtype")
 
     hidden = []  # (group, description, [(action, help)]): shown by --help-all only
 

@@ -170,6 +170,13 @@ class ASVDCompressor(OptimumQuantizer):
 
     def save(self, save_dir, config: ASVDConfig, report: CompressionReport, overwrite: bool = False) -> None:
         """Write the model, tokenizer and side files to ``save_dir`` (rules: :meth:`compress`)."""
+        if self.source is not None:
+            # Loaded whole in the compute dtype (e.g. float32 for selfgen): written in the input's stored dtype.
+            from .models import checkpoint_dtype
+
+            stored = checkpoint_dtype(self.source)
+            if stored is not None and stored != next(self.model.parameters()).dtype:
+                self.model.to(stored)
         with atomic_directory(save_dir, overwrite, REPORT_FILE, self.input_paths()) as staging:
             self.model.save_pretrained(staging)
             if self.tokenizer is not None:

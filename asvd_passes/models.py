@@ -194,3 +194,23 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     import asvd_passes.hf_quantizer  # noqa: F401  (registers the "asvd" quant method)
 
     return AutoModelForCausalLM.from_pretrained(str(path), config=load_config(path), dtype=dtype)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def checkpoint_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype most of a safetensors folder's floating-point elements are stored in (None: no such tensors)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                dtype = SAFETENSORS_DTYPES.get(tensor.get_dtype())
+                if dtype is not None:
+                    counts[dtype] += torch.Size(tensor.get_shape()).numel()
+    return counts.most_common(1)[0][0] if counts else None

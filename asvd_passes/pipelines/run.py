@@ -73,15 +73,14 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
         return report
 
     with atomic_directory(save_dir, overwrite, REPORT_FILE, compressor.input_paths()) as staging:
-        writer = ShardWriter(staging)
+        writer = ShardWriter(staging, model)
 
         def write_block(name, block):
             writer.write({f"{name}.{key}": value.to(storage_dtype) if value.is_floating_point() else value
                           for key, value in block.state_dict().items()})
 
         result = run(write_block)
-        outside = [key for key in weights.weight_map if not key.startswith(prefix + ".")]
-        writer.write(weights.read(outside))
+        writer.write(weights.rest_state_dict(prefix))
         writer.finish()
         _set_quantization_config(model, config, result, windows, source)
         model.config.save_pretrained(staging)

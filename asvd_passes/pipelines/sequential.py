@@ -61,6 +61,11 @@ class SequentialResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _structure(block: nn.Module) -> tuple:
+    """What makes two blocks' graphs alike: their modules' names and types (shapes may differ)."""
+    return tuple((name, type(module).__qualname__) for name, module in block.named_modules())
+
+
 class _ActivationStore:
     """Per-block hidden states kept on disk between the passes (memory follows one block, not the depth)."""
 
@@ -143,6 +148,7 @@ class SequentialPipeline:
     def _block_projections(self, index: int, graph, block):
         """(weight-plan projections, observed projections incl. K/V sources) of block ``index``'s graph."""
         found = find_projections(graph, block)
+        relative = [p.name for p in found]
         for p in found:
             p.name = self._name(index, p.name)
         kv_sources = set(self._kv_sources(index))
@@ -152,36 +158,58 @@ class SequentialPipeline:
             raise InvalidInputError(f"K/V projections {missing[:3]} were not found in the traced block graph")
         selected = []
         if self.config.compresses_weights:
-            selected = [
-                p for p in found
-                if p.name not in kv_sources and self.select(p.name, self.model.get_submodule(p.name))
-            ]
+            selected = [by_name[name] for name in self._selected_names(index, relative)]
         observed = selected + [by_name[name] for name in by_name if name in kv_sources]
         return selected, observed
 
-    def _survey(self, hidden: torch.Tensor, call: BlockCall) -> dict[str, ProjectionShape]:
-        """Shapes of the selected projections of every block, from block 0's graph (blocks repeat)."""
-        block = self.weights.load(f"{self.prefix}.0", self.layers[0])
-        try:
-            graph = capture_block(block, self._feed(hidden), call)
-            selected, _ = self._block_projections(0, graph, block)
-            if not find_projections(graph, block):
-                raise NoProjectionsError(f"{type(self.model).__name__} has no linear projections to compress")
-            if not selected:
-                raise NoProjectionsError("No projection is left to compress after the filters")
-        finally:
-            self._release(f"{self.prefix}.0", self.layers[0], self._storage_dtype)
-        relative = [p.name[len(self._name(0, "")):] for p in selected]
+    def _survey(self, hidden: torch.Tensor, calls: list[BlockCall]) -> dict[str, ProjectionShape]:
+        """Shapes of the selected projections of every block.
+
+        Blocks are grouped by structure (their modules' names and types, read from the model without
+        weights); one block of each group is captured and its projections stand for the group's.
+        A model whose later blocks differ (an extra projection, dense-then-MoE) is thus surveyed in
+        full; shapes are read block by block (widths may differ).
+        """
+        structures = [_structure(layer) for layer in self.layers]
+        relative_of: dict[tuple, list[str]] = {}
+        for index, structure in enumerate(structures):
+            if structure in relative_of:
+                continue
+            prefix = self._name(index, "")[:-1]
+            block = self.weights.load(prefix, self.layers[index])
+            try:
+                # Only the input's shape matters to the capture: block 0's input stands for every block's.
+                graph = capture_block(block, self._feed(hidden), calls[index])
+                relative_of[structure] = [p.name for p in find_projections(graph, block)]
+            finally:
+                self._release(prefix, self.layers[index], self._storage_dtype)
+        if not any(relative_of.values()):
+            raise NoProjectionsError(f"{type(self.model).__name__} has no linear projections to compress")
         shapes = {}
-        for index, layer in enumerate(self.layers):
-            for rel in relative:
-                try:
-                    module = layer.get_submodule(rel)
-                except AttributeError as err:
-                    raise SequentialPipelineError(f"block {index} has no {rel} (blocks differ in structure)") from err
-                out_features, in_features = projection_weight(module).shape
-                shapes[self._name(index, rel)] = ProjectionShape(out_features, in_features, self.config.interpolative)
+        for index, structure in enumerate(structures):
+            for name in self._selected_names(index, relative_of[structure]):
+                out_features, in_features = projection_weight(self.model.get_submodule(name)).shape
+                shapes[name] = ProjectionShape(out_features, in_features, self.config.interpolative)
+        if not shapes:
+            raise NoProjectionsError("No projection is left to compress after the filters")
         return shapes
+
+    def _selected_names(self, index: int, relative: list[str]) -> list[str]:
+        """Qualified names of block ``index``'s weight-plan projections among its ``relative`` projection names."""
+        kv_sources = set(self._kv_sources(index))
+        names = [self._name(index, name) for name in relative]
+        return [name for name in names if name not in kv_sources and self.select(name, self.model.get_submodule(name))]
+
+    def _check_surveyed(self, index: int, selected, shapes) -> None:
+        """Block ``index``'s own graph selects exactly what the survey planned for it (never half-compressed)."""
+        head = self._name(index, "")
+        planned = {name for name in shapes if name.startswith(head)}
+        seen = {p.name for p in selected}
+        if planned != seen:
+            difference = sorted(planned ^ seen)
+            raise SequentialPipelineError(
+                f"block {index} of {type(self.model).__name__} differs from the survey of its structure group "
+                f"({difference[:3]}); its projections cannot be planned ahead")
 
     # -- passes ----------------------------------------------------------------------------------
 
@@ -192,7 +220,7 @@ class SequentialPipeline:
         self.seconds["block_inputs"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        shapes = self._survey(hidden[0], calls[0]) if self.config.compresses_weights else {}
+        shapes = self._survey(hidden[0], calls) if self.config.compresses_weights else {}
         needs_curves = (self.config.compresses_weights and self.config.allocation == "fisher" and not
                         (self.config.ranks and self.config.param_ratio is None)) or (
             self.kv_layouts is not None and self.config.kv_allocation == "fisher") or self._output_whitening
@@ -271,6 +299,7 @@ class SequentialPipeline:
                 block = self.weights.load(prefix, layer)
                 inputs = store.get(index)
                 _, selected, observed, statistics = self._observe(index, block, inputs, calls[index])
+                self._check_surveyed(index, selected, shapes)
                 names = [p.name for p in observed]
                 covariance = {p.name for p in selected} if self._output_whitening else set()
                 fisher, grads = self._block_fisher(block, prefix, names, inputs[:samples], grads, calls[index], covariance)
@@ -437,6 +466,7 @@ class SequentialPipeline:
             block = self.weights.load(prefix, layer)
             call = calls[index]
             graph, selected, observed, statistics = self._observe(index, block, current, call)
+            self._check_surveyed(index, selected, plan.shapes)
             layouts = self._block_layouts(index)
             if not config.sequential_calibration:
                 with torch.no_grad():  # the dense block's outputs feed the next block

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint_keys import module_keys, saved_state_dict
 from ..errors import InvalidInputError, MissingFileError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,7 +69,11 @@ class ResidentWeights:
 
 
 class ShardedWeights:
-    """A checkpoint folder of safetensors shards, read one module at a time."""
+    """A checkpoint folder of safetensors shards, read one module at a time.
+
+    Keys are the model's module names: checkpoint keys are renamed as ``from_pretrained`` renames them
+    (``checkpoint_keys.module_keys``), and tied weights are tied as it ties them.
+    """
 
     def __init__(self, folder: str | Path, model: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None):
         from safetensors import safe_open
@@ -86,7 +91,9 @@ class ShardedWeights:
                 raise MissingFileError(f"{self.folder} holds no safetensors checkpoint (model.safetensors or {INDEX_FILE})")
             with safe_open(str(single), framework="pt") as handle:
                 weight_map = {key: single.name for key in handle.keys()}
-        self.weight_map: dict[str, str] = weight_map
+        # module key -> the checkpoint key that holds it, and the file that holds that key
+        self.stored_key = module_keys(model, weight_map, str(self.folder))
+        self.weight_map: dict[str, str] = {key: weight_map[stored] for key, stored in self.stored_key.items()}
 
     def keys_under(self, prefix: str) -> list[str]:
         return [key for key in self.weight_map if key == prefix or key.startswith(prefix + ".")]
@@ -101,7 +108,7 @@ class ShardedWeights:
         for file, names in by_file.items():
             with safe_open(str(self.folder / file), framework="pt") as handle:
                 for key in names:
-                    tensors[key] = handle.get_tensor(key)
+                    tensors[key] = handle.get_tensor(self.stored_key[key])
         return tensors
 
     def _materialise(self, module: nn.Module, prefix: str, dtype: torch.dtype | None) -> None:
@@ -132,8 +139,9 @@ class ShardedWeights:
             if not _has_tensor(self.model, key):
                 continue
             set_module_tensor_to_device(self.model, key, self.device, value=value)
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
+        # Tied as from_pretrained ties: symmetrically, so a checkpoint holding only the head still loads.
+        missing = {key for key in self.model.state_dict() if key not in self.weight_map}
+        self.model.tie_weights(missing_keys=missing, recompute_mapping=False)
         for name, buffer in list(self.model.named_buffers()):
             if not name.startswith(blocks_prefix + ".") and buffer.device.type != "meta" and buffer.device != self.device:
                 set_module_tensor_to_device(self.model, name, self.device, value=buffer)
@@ -142,6 +150,16 @@ class ShardedWeights:
             if tensor.device.type == "meta" and not name.startswith(blocks_prefix + "."):
                 raise InvalidInputError(f"{self.folder}: the checkpoint has no tensor for {name}")
         del blocks
+
+    def rest_state_dict(self, blocks_prefix: str) -> dict[str, torch.Tensor]:
+        """Everything outside the blocks, re-read from the shards, without tied duplicates (as
+        ``save_pretrained`` drops them: the tied source is kept)."""
+        outside = [key for key in self.weight_map if not key.startswith(blocks_prefix + ".")]
+        tensors = self.read(outside)
+        for target, source in getattr(self.model, "all_tied_weights_keys", {}).items():
+            if target in tensors and source in tensors:
+                del tensors[target]
+        return tensors
 
     def release_rest(self, blocks_prefix: str) -> None:
         """Parameters outside the blocks back to meta once nothing runs them (embeddings and LM head: 2 ×
@@ -156,6 +174,8 @@ class ShardedWeights:
             except RuntimeError:
                 pass  # file-backed (mmapped): the page cache holds it, not us
             set_module_tensor_to_device(self.model, name, "meta")
+        # Each name got its own meta tensor: tie them again, or a tied head counts twice in the report.
+        self.model.tie_weights(recompute_mapping=False)
 
     def load(self, prefix: str, block: nn.Module) -> nn.Module:
         self._materialise(block, prefix, self.compute_dtype)
@@ -185,10 +205,16 @@ class ShardedWeights:
 
 
 class ShardWriter:
-    """Write a model's tensors as they are finished: one shard per block plus one for the rest."""
+    """Write a model's tensors as they are finished: one shard per block plus one for the rest.
 
-    def __init__(self, folder: str | Path):
+    Tensors come in under module names and are written under the keys ``save_pretrained`` writes
+    for ``model`` (transformers reverts its load-time renamings), so the folder matches one that
+    ``save_pretrained`` wrote and reloads with ``from_pretrained``.
+    """
+
+    def __init__(self, folder: str | Path, model: nn.Module):
         self.folder = Path(folder)
+        self.model = model
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._count = 0
@@ -200,6 +226,7 @@ class ShardWriter:
             return
         self._count += 1
         name = f"model-{self._count:05d}.safetensors"
+        tensors = saved_state_dict(self.model, tensors)
         contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
         save_file(contiguous, str(self.folder / name), metadata={"format": "pt"})
         for key, value in contiguous.items():

@@ -337,3 +337,46 @@ def test_output_whitening_sequential_without_calibration_matches_the_whole_path(
         torch.testing.assert_close(factors[1][name], product, rtol=0, atol=1e-4)
     shared = [name for name in factors[0] if name in factors[2]]
     assert any((factors[0][name] - factors[2][name]).abs().max() > 1e-3 for name in shared)
+
+
+def _mlp_with_extra_projection(config):
+    """Llama's MLP plus one more projection: a later block that differs from block 0 (same names otherwise)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class MLPWithExtraProjection(LlamaMLP):
+        def __init__(self):
+            super().__init__(config)
+            self.extra = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+        def forward(self, x):
+            return super().forward(x) + self.extra(x)
+
+    return MLPWithExtraProjection()
+
+
+@pytest.mark.parametrize("change", ["extra projection", "wider mlp"])
+def test_blocks_that_differ_are_surveyed_block_by_block(change, tiny_model, tokens, projections_of):
+    """Block 1 with one more projection, or a wider MLP, is planned and factored like block 0: nothing is left
+    dense because block 0 did not have it."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    model = tiny_model("llama")
+    layer = model.model.layers[1]
+    if change == "extra projection":
+        layer.mlp = _mlp_with_extra_projection(model.config)
+        added = ["model.layers.1.mlp.extra", "model.layers.1.mlp.down_proj"]
+    else:
+        wider = type(model.config)(**dict(model.config.to_dict(), intermediate_size=96))
+        layer.mlp = LlamaMLP(wider)
+        added = ["model.layers.1.mlp.down_proj"]
+    dense_params = sum(p.numel() for p in model.parameters())
+    block_weights = sum(i * o for name, (i, o) in projections_of(model).items() if name.startswith("model.layers."))
+    compressor = ASVDCompressor(model)
+    report = compressor.compress(ASVDConfig(param_ratio=0.8, allocation="uniform", pipeline="sequential", **SMALL),
+                                 calibration=tokens(4, 16), progress=False)
+    factored = {name for name, m in compressor.model.named_modules() if isinstance(m, LowRankLinear)}
+    assert set(report.ranks) == factored  # every planned projection factored, every factored one planned
+    assert all(name in factored for name in added)
+    assert len([name for name in factored if name.startswith("model.layers.1.")]) == 7 + (change == "extra projection")
+    assert report.selected_params_before == block_weights  # each block's own shapes
+    assert report.model_params_before == dense_params
