@@ -24,8 +24,14 @@ windows to change the logits.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
+
+# One OpenMP thread per test process (set before torch loads, so subprocesses inherit it too): the models
+# here are tiny, and on a busy 2-core machine OpenMP's spinning workers made 64-wide matmuls take 15 ms and
+# tiny tests 10-40 s. Real-model tests get the process's share of the cores back (``torch_threads``).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
@@ -155,6 +161,57 @@ def linear_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
     return found
 
 
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist processes sharing the cores
+REAL_MODEL_THREADS = max(1, CPUS // WORKERS)
+
+
+def pytest_configure(config):
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already fixed once parallel work ran (only when pytest runs in-process twice)
+        pass
+
+
+# Session fixtures that are expensive to build → the xdist group of every test that uses them (directly or
+# through another fixture): under ``--dist loadgroup`` those tests share one worker, so each is built once.
+SHARED_BUILDS = {"smollm2_09_kv05": "smollm2-09-kv05"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in SHARED_BUILDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
+@pytest.fixture(autouse=True)
+def frozen_heap():
+    """Collect what the previous test left in reference cycles, then freeze every surviving object.
+
+    The sequential pipeline calls ``gc.collect()`` after every block; a full collection walks every object
+    of torch, transformers, sympy and the earlier tests, 0.5 s each in a pytest process, which was most of a
+    tiny compress run. Frozen objects are skipped by the collector, so a collection walks only what the
+    running test made (the product pays the same walk: reported, not changed here).
+    """
+    gc.collect()  # walks only the objects made since the last freeze
+    gc.freeze()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def torch_threads(request):
+    """Every test runs on one intra-op thread, except real-model tests, which get this process's share of the
+    cores (all of them without xdist, one each under ``-n 2`` on 2 cores)."""
+    threads = REAL_MODEL_THREADS if request.node.get_closest_marker("real_model") else 1
+    torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
@@ -162,17 +219,8 @@ def family(request) -> str:
 
 @pytest.fixture
 def tiny_model():
-    """Factory: ``tiny_model(family, seed=0, dtype=torch.float32)`` → new eval-mode model.
-
-    Tests that use it run on one CPU thread: tiny models gain nothing from intra-op threads, and
-    on a busy 2-core machine OpenMP's spinning workers make them several times slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield make_tiny_model
-    finally:
-        torch.set_num_threads(previous)
+    """Factory: ``tiny_model(family, seed=0, dtype=torch.float32)`` → new eval-mode model."""
+    return make_tiny_model
 
 
 @pytest.fixture
@@ -204,6 +252,7 @@ def smollm2_09_kv05(tmp_path_factory):
         pytest.skip(f"WikiText-2 data not found at {WIKITEXT}")
     from asvd_passes import ASVDCompressor, ASVDConfig
 
+    torch.set_num_threads(REAL_MODEL_THREADS)  # session fixtures are set up before the autouse torch_threads
     folder = tmp_path_factory.mktemp("smollm2-09-kv05") / "compressed"
     compressor = ASVDCompressor.from_pretrained(None)
     config = ASVDConfig(method="whiten", param_ratio=0.9, kv_ratio=0.5, calibration=str(valid),
