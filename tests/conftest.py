@@ -24,7 +24,9 @@ windows to change the logits.
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
 import os
 from pathlib import Path
 
@@ -221,6 +223,39 @@ def family(request) -> str:
 def tiny_model():
     """Factory: ``tiny_model(family, seed=0, dtype=torch.float32)`` → new eval-mode model."""
     return make_tiny_model
+
+
+class CompressedTinyModels:
+    """Session cache of compressed tiny models: each (family, seed, calibration, settings) is compressed once;
+    every call hands out a deep copy, so a test may change, move or monkeypatch its model freely.
+
+    ``compressed_tiny(family, calibration=(samples, seqlen, seed), seed=0, **asvd_config)`` →
+    ``(model, report)``: ``make_tiny_model(family, seed)`` compressed in memory by ``ASVDCompressor.compress``
+    with ``ASVDConfig(**asvd_config)`` on ``token_batch(*calibration)``. Compression is seeded and
+    bit-identical run to run (tests/test_ranks.py), so a copy is what a fresh run would give.
+    """
+
+    def __init__(self):
+        self._built = {}
+
+    def __call__(self, family: str, calibration: tuple[int, int, int] = (4, 16, 9), seed: int = 0, **config):
+        from asvd_passes import ASVDCompressor, ASVDConfig
+
+        settings = json.dumps(ASVDConfig(**config).to_dict(), sort_keys=True, default=str)  # defaults filled in
+        key = (family, seed, tuple(calibration), settings)
+        if key not in self._built:
+            model = make_tiny_model(family, seed)
+            report = ASVDCompressor(model).compress(ASVDConfig(**config), calibration=token_batch(*calibration),
+                                                    progress=False)
+            self._built[key] = (model, report)
+        model, report = self._built[key]
+        return copy.deepcopy(model), copy.deepcopy(report)
+
+
+@pytest.fixture(scope="session")
+def compressed_tiny() -> CompressedTinyModels:
+    """See ``CompressedTinyModels``: compressed tiny models built once per session (per xdist worker)."""
+    return CompressedTinyModels()
 
 
 @pytest.fixture
