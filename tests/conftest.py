@@ -177,17 +177,37 @@ def pytest_configure(config):
 
 
 # Session fixtures that are expensive to build → the xdist group of every test that uses them (directly or
-# through another fixture): under ``--dist loadgroup`` those tests share one worker, so each is built once.
-SHARED_BUILDS = {"smollm2_09_kv05": "smollm2-09-kv05"}
+# through another fixture; the first match wins): under ``--dist loadgroup`` those tests share one worker,
+# so each is built once. ``task_dir`` (tests/test_zero_shot.py) stands for lm-eval's per-process index of
+# its ~15k built-in tasks and the tiny folders the zero-shot tests evaluate.
+SHARED_BUILDS = {"smollm2_09_kv05": "smollm2-09-kv05", "task_dir": "lm-eval"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_itemcollected(item):
+    for fixture, group in SHARED_BUILDS.items():
+        if fixture in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(group))
+            break
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    """Give grouped items their ``@group`` node id suffix, which ``--dist loadgroup`` schedules by.
+
+    pytest-xdist 3.8 sets it through ``item._nodeid``, which pytest 9.2 no longer reads (node ids live in
+    ``item._id``), so its groups were silently ignored; without this, every xdist worker built the SmolLM2
+    fixture. No-op where xdist already renamed the item or where loadgroup is off.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId  # pytest >= 9.2
+    except ImportError:
+        return
     for item in items:
-        for fixture, group in SHARED_BUILDS.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+        group = item.get_closest_marker("xdist_group")
+        if group is not None and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{group.args[0] if group.args else group.kwargs.get('name', 'default')}")
 
 
 @pytest.fixture(autouse=True)
