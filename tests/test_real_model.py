@@ -6,10 +6,10 @@ calibration sizes follow the issue's protocol where a bar is asserted; see READM
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,14 +31,11 @@ def _require_data():
 
 
 def asvd(*args: str) -> str:
-    """``asvd ARGS`` in this process (the console script's ``main``; a subprocess would re-import torch): stdout."""
-    from asvd_passes.cli import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(list(args))
-    assert code == 0, stderr.getvalue()[-3000:]
-    return stdout.getvalue()
+    result = subprocess.run(
+        [sys.executable, "-m", "asvd_passes.cli", *args], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def eval_json(model: str, windows: int) -> dict:
@@ -124,16 +121,6 @@ def compressed_09_kv05(smollm2_09_kv05):
     return smollm2_09_kv05
 
 
-@pytest.fixture(scope="module")
-def genai_export(smollm2_09_kv05, tmp_path_factory):
-    """The session's compressed SmolLM2 exported once with ``layout="genai"``: (metadata, folder), read by both
-    the ORT-runtime and the onnxruntime-genai test (an export of SmolLM2 takes about a minute)."""
-    from exporters import export_onnx
-
-    folder = tmp_path_factory.mktemp("smollm2-genai") / "onnx"
-    return export_onnx(smollm2_09_kv05[2], folder, layout="genai"), folder
-
-
 def _greedy_reference(model, tokenizer, prompt_text: str, tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids, PyTorch's greedy continuation of ``tokens`` new tokens, prompt included)."""
     prompt = torch.tensor([tokenizer(prompt_text)["input_ids"]])
@@ -141,44 +128,43 @@ def _greedy_reference(model, tokenizer, prompt_text: str, tokens: int = 32) -> t
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
 
 
-def test_onnx_runtime_matches_pytorch_on_compressed_smollm2(step_logits, compressed_09_kv05, genai_export):
-    """SmolLM2 with --param-ratio 0.9 --kv-ratio 0.5, exported (genai layout, shared with the genai test): ORT
-    logits equal PyTorch's (prefill + 20 decode steps, max abs diff <= 1e-4 in fp32) and greedy generation of
-    32 tokens is identical. The default layout's cache widths are checked per family on the tiny models."""
+def test_onnx_runtime_matches_pytorch_on_compressed_smollm2(tmp_path, step_logits, compressed_09_kv05):
+    """SmolLM2 with --param-ratio 0.9 --kv-ratio 0.5, exported: ORT logits equal PyTorch's (prefill + 20
+    decode steps, max abs diff <= 1e-4 in fp32) and greedy generation of 32 tokens is identical."""
     import numpy as np
 
-    from exporters import ORTCausalLM
+    from exporters import ORTCausalLM, export_onnx
 
-    model, tokenizer, _ = compressed_09_kv05
-    meta, folder = genai_export
+    model, tokenizer, folder = compressed_09_kv05
+    meta = export_onnx(folder, tmp_path / "onnx")
     assert meta.kind == "latent" and len(meta.cache) == 2 * 30
-    runtime = ORTCausalLM(folder)
+    runtime = ORTCausalLM(tmp_path / "onnx")
 
     ids = torch.tensor([tokenizer(TEST_SPLIT.read_text()[:4000])["input_ids"][:64 + 20]])
     prefill = 64
     torch_steps, ort_steps = step_logits
     got, past = ort_steps(runtime, ids, prefill)
     assert np.abs(got - torch_steps(model, ids, prefill)).max() <= 1e-4
-    for entry, tensor in zip(meta.cache, past):  # one packed latent slot per layer and role, as in the metadata
-        assert tensor.shape == (1, 1, ids.shape[1], entry.fixed["head_dim"])
+    for entry, tensor in zip(meta.cache, past):  # latent widths exactly as in the metadata
+        assert tensor.shape == (1, ids.shape[1], entry.fixed["width"])
 
     prompt, reference = _greedy_reference(model, tokenizer, "The history of the city begins")
     assert np.array_equal(runtime.generate(prompt.numpy(), max_new_tokens=32), reference.numpy())
 
 
-def test_onnxruntime_genai_generates_what_pytorch_does(compressed_09_kv05, genai_export):
+def test_onnxruntime_genai_generates_what_pytorch_does(tmp_path, compressed_09_kv05):
     """Issue bar: onnxruntime-genai, a runtime we did not write, runs the --genai export of SmolLM2 (param 0.9 +
     KV 0.5, latent cache packed in genai's 4-D slots): its greedy 32 tokens equal PyTorch's and our ORT runtime's,
     and its logits over a 64-token prefill + 8 decode steps stay within 1e-4 of PyTorch's."""
     import numpy as np
 
-    from exporters import GenAICausalLM, ORTCausalLM
+    from exporters import GenAICausalLM, ORTCausalLM, export_onnx
 
-    model, tokenizer, _ = compressed_09_kv05
-    meta, folder = genai_export
-    assert meta.layout == "genai" and (folder / "genai_config.json").is_file()
+    model, tokenizer, folder = compressed_09_kv05
+    meta = export_onnx(folder, tmp_path / "genai", layout="genai")
+    assert meta.layout == "genai" and (tmp_path / "genai" / "genai_config.json").is_file()
     assert sum(2 * p["width"] for p in meta.packing.values()) - sum(p["key"] + p["value"] for p in meta.packing.values()) <= 30
-    genai = GenAICausalLM(folder)
+    genai = GenAICausalLM(tmp_path / "genai")
     prompt, reference = _greedy_reference(model, tokenizer, "The history of the city begins")
     generated = genai.generate(prompt.numpy(), max_new_tokens=32)
     assert np.array_equal(generated, reference.numpy())
@@ -186,7 +172,7 @@ def test_onnxruntime_genai_generates_what_pytorch_does(compressed_09_kv05, genai
     assert list(og_tokenizer.encode("The history of the city begins")) == prompt[0].tolist()
     plain = np.array([t for t in generated[0] if t not in tokenizer.all_special_ids], dtype=np.int32)
     assert og_tokenizer.decode(plain) == tokenizer.decode(plain.tolist())
-    assert np.array_equal(ORTCausalLM(folder).generate(prompt.numpy(), max_new_tokens=32), generated)
+    assert np.array_equal(ORTCausalLM(tmp_path / "genai").generate(prompt.numpy(), max_new_tokens=32), generated)
 
     ids = torch.tensor([tokenizer(TEST_SPLIT.read_text()[:4000])["input_ids"][:72]])
     with torch.no_grad():
