@@ -183,11 +183,22 @@ def pytest_configure(config):
 SHARED_BUILDS = {"smollm2_09_kv05": "smollm2-09-kv05", "task_dir": "lm-eval"}
 
 
+# Module fixtures that export one tiny model per family (tests/exporters): a test that takes one runs in the
+# group of its ``family`` parameter (llama where it has none), so each family is compressed and exported on
+# one worker, and the families spread over the workers.
+PER_FAMILY_BUILDS = ("exported", "genai_exported")
+
+
 def pytest_itemcollected(item):
+    names = getattr(item, "fixturenames", ())
     for fixture, group in SHARED_BUILDS.items():
-        if fixture in getattr(item, "fixturenames", ()):
+        if fixture in names:
             item.add_marker(pytest.mark.xdist_group(group))
-            break
+            return
+    if any(fixture in names for fixture in PER_FAMILY_BUILDS):
+        callspec = getattr(item, "callspec", None)
+        family = callspec.params.get("family", "llama") if callspec is not None else "llama"
+        item.add_marker(pytest.mark.xdist_group(f"exports-{family}"))
 
 
 @pytest.hookimpl(trylast=True)
