@@ -24,8 +24,16 @@ windows to change the logits.
 
 from __future__ import annotations
 
+import copy
+import gc
+import json
 import os
 from pathlib import Path
+
+# One OpenMP thread per test process (set before torch loads, so subprocesses inherit it too): the models
+# here are tiny, and on a busy 2-core machine OpenMP's spinning workers made 64-wide matmuls take 15 ms and
+# tiny tests 10-40 s. Real-model tests get the process's share of the cores back (``torch_threads``).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
@@ -155,6 +163,88 @@ def linear_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
     return found
 
 
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist processes sharing the cores
+REAL_MODEL_THREADS = max(1, CPUS // WORKERS)
+
+
+def pytest_configure(config):
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already fixed once parallel work ran (only when pytest runs in-process twice)
+        pass
+
+
+# Session fixtures that are expensive to build → the xdist group of every test that uses them (directly or
+# through another fixture; the first match wins): under ``--dist loadgroup`` those tests share one worker,
+# so each is built once. ``task_dir`` (tests/test_zero_shot.py) stands for lm-eval's per-process index of
+# its ~15k built-in tasks and the tiny folders the zero-shot tests evaluate.
+SHARED_BUILDS = {"smollm2_09_kv05": "smollm2-09-kv05", "task_dir": "lm-eval"}
+
+
+# Module fixtures that export one tiny model per family (tests/exporters): a test that takes one runs in the
+# group of its ``family`` parameter (llama where it has none), so each family is compressed and exported on
+# one worker, and the families spread over the workers.
+PER_FAMILY_BUILDS = ("exported", "genai_exported")
+
+
+def pytest_itemcollected(item):
+    names = getattr(item, "fixturenames", ())
+    for fixture, group in SHARED_BUILDS.items():
+        if fixture in names:
+            item.add_marker(pytest.mark.xdist_group(group))
+            return
+    if any(fixture in names for fixture in PER_FAMILY_BUILDS):
+        callspec = getattr(item, "callspec", None)
+        family = callspec.params.get("family", "llama") if callspec is not None else "llama"
+        item.add_marker(pytest.mark.xdist_group(f"exports-{family}"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Give grouped items their ``@group`` node id suffix, which ``--dist loadgroup`` schedules by.
+
+    pytest-xdist 3.8 sets it through ``item._nodeid``, which pytest 9.2 no longer reads (node ids live in
+    ``item._id``), so its groups were silently ignored; without this, every xdist worker built the SmolLM2
+    fixture. No-op where xdist already renamed the item or where loadgroup is off.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId  # pytest >= 9.2
+    except ImportError:
+        return
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        if group is not None and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{group.args[0] if group.args else group.kwargs.get('name', 'default')}")
+
+
+@pytest.fixture(autouse=True)
+def frozen_heap():
+    """Collect what the previous test left in reference cycles, then freeze every surviving object.
+
+    The sequential pipeline calls ``gc.collect()`` after every block; a full collection walks every object
+    of torch, transformers, sympy and the earlier tests, 0.5 s each in a pytest process, which was most of a
+    tiny compress run. Frozen objects are skipped by the collector, so a collection walks only what the
+    running test made (the product pays the same walk: reported, not changed here).
+    """
+    gc.collect()  # walks only the objects made since the last freeze
+    gc.freeze()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def torch_threads(request):
+    """Every test runs on one intra-op thread, except real-model tests, which get this process's share of the
+    cores (all of them without xdist, one each under ``-n 2`` on 2 cores)."""
+    threads = REAL_MODEL_THREADS if request.node.get_closest_marker("real_model") else 1
+    torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
@@ -162,17 +252,41 @@ def family(request) -> str:
 
 @pytest.fixture
 def tiny_model():
-    """Factory: ``tiny_model(family, seed=0, dtype=torch.float32)`` → new eval-mode model.
+    """Factory: ``tiny_model(family, seed=0, dtype=torch.float32)`` → new eval-mode model."""
+    return make_tiny_model
 
-    Tests that use it run on one CPU thread: tiny models gain nothing from intra-op threads, and
-    on a busy 2-core machine OpenMP's spinning workers make them several times slower.
+
+class CompressedTinyModels:
+    """Session cache of compressed tiny models: each (family, seed, calibration, settings) is compressed once;
+    every call hands out a deep copy, so a test may change, move or monkeypatch its model freely.
+
+    ``compressed_tiny(family, calibration=(samples, seqlen, seed), seed=0, **asvd_config)`` →
+    ``(model, report)``: ``make_tiny_model(family, seed)`` compressed in memory by ``ASVDCompressor.compress``
+    with ``ASVDConfig(**asvd_config)`` on ``token_batch(*calibration)``. Compression is seeded and
+    bit-identical run to run (tests/test_ranks.py), so a copy is what a fresh run would give.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield make_tiny_model
-    finally:
-        torch.set_num_threads(previous)
+
+    def __init__(self):
+        self._built = {}
+
+    def __call__(self, family: str, calibration: tuple[int, int, int] = (4, 16, 9), seed: int = 0, **config):
+        from asvd_passes import ASVDCompressor, ASVDConfig
+
+        settings = json.dumps(ASVDConfig(**config).to_dict(), sort_keys=True, default=str)  # defaults filled in
+        key = (family, seed, tuple(calibration), settings)
+        if key not in self._built:
+            model = make_tiny_model(family, seed)
+            report = ASVDCompressor(model).compress(ASVDConfig(**config), calibration=token_batch(*calibration),
+                                                    progress=False)
+            self._built[key] = (model, report)
+        model, report = self._built[key]
+        return copy.deepcopy(model), copy.deepcopy(report)
+
+
+@pytest.fixture(scope="session")
+def compressed_tiny() -> CompressedTinyModels:
+    """See ``CompressedTinyModels``: compressed tiny models built once per session (per xdist worker)."""
+    return CompressedTinyModels()
 
 
 @pytest.fixture
@@ -204,6 +318,7 @@ def smollm2_09_kv05(tmp_path_factory):
         pytest.skip(f"WikiText-2 data not found at {WIKITEXT}")
     from asvd_passes import ASVDCompressor, ASVDConfig
 
+    torch.set_num_threads(REAL_MODEL_THREADS)  # session fixtures are set up before the autouse torch_threads
     folder = tmp_path_factory.mktemp("smollm2-09-kv05") / "compressed"
     compressor = ASVDCompressor.from_pretrained(None)
     config = ASVDConfig(method="whiten", param_ratio=0.9, kv_ratio=0.5, calibration=str(valid),

@@ -10,6 +10,8 @@ import torch
 import asvd_passes as ap
 from asvd_passes.ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
 
+from conftest import FAMILIES
+
 # (out_features, in_features)
 SHAPES = {
     "square": ProjectionShape(32, 32),
@@ -126,7 +128,6 @@ def test_ranks_for_unselected_module_rejected(tiny_model, tokens):
     assert not any(isinstance(m, ap.LowRankLinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def _stored_params(in_features: int, out_features: int, rank: int | None, interpolative: bool) -> int:
     """What a projection keeps: dense, two factors, or r rows plus (out − r) × r coefficients."""
     if rank is None:
@@ -136,8 +137,11 @@ def _stored_params(in_features: int, out_features: int, rank: int | None, interp
     return rank * (in_features + out_features)
 
 
-@pytest.mark.parametrize("form", ["interpolative", "pair"])
-@pytest.mark.parametrize("ratio", [0.3, 0.7])
+# Every family once (its biases, fused and Conv1D projections, tied head), every (ratio, form) pair on three of them.
+RATIO_FORMS = [(0.3, "interpolative"), (0.3, "pair"), (0.7, "interpolative"), (0.7, "pair")]
+
+
+@pytest.mark.parametrize("family, ratio, form", [(f, *RATIO_FORMS[i % 4]) for i, f in enumerate(FAMILIES)])
 def test_report_ratio_is_exact(family, ratio, form, tiny_model, tokens, projections_of):
     model = tiny_model(family)
     shapes = projections_of(model)  # {name: (in, out)}, before compression

@@ -18,23 +18,22 @@ DECODE_STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def genai_exported(tmp_path_factory):
-    """``genai_exported(family, kv=True)`` → (PyTorch model, export folder), once per family per module."""
-    from conftest import make_tiny_model, token_batch
+def genai_exported(tmp_path_factory, compressed_tiny):
+    """``genai_exported(family, kv=True)`` → (PyTorch model, export folder), once per family per module (the
+    compressed model is the session's, shared with tests/exporters/test_onnx_runtime.py)."""
+    from conftest import make_tiny_model
 
     done = {}
 
     def get(family, kv=True):
         if (family, kv) not in done:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(1)
-            model = make_tiny_model(family)
             if kv:
-                config = ap.ASVDConfig(method="whiten", seqlen=16, calib_samples=4, param_ratio=0.8, kv_ratio=0.5)
-                ap.ASVDCompressor(model).compress(config, calibration=token_batch(4, 16, seed=9), progress=False)
+                model, _ = compressed_tiny(family, calibration=(4, 16, 9), method="whiten", seqlen=16,
+                                           calib_samples=4, param_ratio=0.8, kv_ratio=0.5)
+            else:
+                model = make_tiny_model(family)
             folder = tmp_path_factory.mktemp(f"{family}-{'latent' if kv else 'dense'}") / "onnx"
             export_onnx(model, folder, layout="genai")
-            torch.set_num_threads(previous)
             done[(family, kv)] = (model, folder)
         return done[(family, kv)]
 

@@ -26,20 +26,17 @@ def compressed(family, tokens_fn, **config):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """``exported(family)`` → (PyTorch model, ORT runtime), exported once per family per module."""
-    from conftest import token_batch
-
+def exported(tmp_path_factory, compressed_tiny):
+    """``exported(family)`` → (PyTorch model, ORT runtime), exported once per family per module (the compressed
+    model is the session's, shared with tests/exporters/test_genai.py)."""
     done = {}
 
     def get(family):
         if family not in done:
-            previous = torch.get_num_threads()
-            torch.set_num_threads(1)
-            model = compressed(family, token_batch, param_ratio=0.8, kv_ratio=0.5)
+            model, _ = compressed_tiny(family, calibration=(4, 16, 9), method="whiten", seqlen=16, calib_samples=4,
+                                       param_ratio=0.8, kv_ratio=0.5)
             folder = tmp_path_factory.mktemp(family) / "onnx"
             export_onnx(model, folder)
-            torch.set_num_threads(previous)
             done[family] = (model, ORTCausalLM(folder, threads=1), folder)
         return done[family]
 

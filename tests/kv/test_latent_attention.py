@@ -11,12 +11,16 @@ from asvd_passes.kv import LatentKVAttention, cache_nbytes
 CALIB = dict(seqlen=16, calib_samples=4)
 
 
-def kv_compress(model, tokens, **config):
-    config.setdefault("method", "whiten")
-    config.setdefault("param_ratio", None)
-    config.setdefault("kv_allocation", "uniform")
-    config = ap.ASVDConfig(**CALIB, **config)
-    return ap.ASVDCompressor(model).compress(config, calibration=tokens(4, 16, seed=9), progress=False)
+@pytest.fixture
+def latent(compressed_tiny):
+    """``latent(family, **config)`` → ``(model, report)``: a fresh copy of the tiny ``family`` model with latent
+    KV attention (whiten, uniform KV allocation, weights dense unless asked), compressed once per session."""
+    def build(family: str, **config):
+        config.setdefault("method", "whiten")
+        config.setdefault("param_ratio", None)
+        config.setdefault("kv_allocation", "uniform")
+        return compressed_tiny(family, calibration=(4, 16, 9), **CALIB, **config)
+    return build
 
 
 def prefill_and_decode(model, ids, prefill: int, cache=None):
@@ -31,9 +35,9 @@ def prefill_and_decode(model, ids, prefill: int, cache=None):
 
 
 @pytest.mark.parametrize("group_size", [None, 1])
-def test_full_rank_latent_reproduces_dense(family, group_size, tiny_model, tokens):
-    dense, model = tiny_model(family), tiny_model(family)
-    report = kv_compress(model, tokens, kv_ratio=1.0, kv_group_size=group_size)
+def test_full_rank_latent_reproduces_dense(family, group_size, latent, tiny_model, tokens):
+    dense = tiny_model(family)
+    model, report = latent(family, kv_ratio=1.0, kv_group_size=group_size)
     assert report.kv["kv_ratio"] == 1.0
     assert any(isinstance(m, LatentKVAttention) for m in model.modules())
     ids = tokens(2, 24, seed=1)
@@ -50,9 +54,8 @@ def test_full_rank_latent_reproduces_dense(family, group_size, tiny_model, token
         assert windows
 
 
-def test_cache_bytes_are_exactly_the_latents(family, tiny_model, tokens):
-    model = tiny_model(family)
-    report = kv_compress(model, tokens, kv_ratio=0.5, kv_allocation="fisher")
+def test_cache_bytes_are_exactly_the_latents(family, latent, tokens):
+    model, report = latent(family, kv_ratio=0.5, kv_allocation="fisher")
     ranks = report.kv["layers"]
     batch, length = 3, 11
     _, cache = prefill_and_decode(model, tokens(batch, length, seed=2), prefill=6)
@@ -71,9 +74,8 @@ def test_cache_bytes_are_exactly_the_latents(family, tiny_model, tokens):
     assert report.kv["kv_ratio"] == widths / dense_width <= 0.5
 
 
-def test_generate_uses_latent_cache_by_default(tiny_model, tokens):
-    model = tiny_model("llama")
-    kv_compress(model, tokens, kv_ratio=0.5)
+def test_generate_uses_latent_cache_by_default(latent, tokens):
+    model, _ = latent("llama", kv_ratio=0.5)
     prompt = tokens(1, 5, seed=3)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, min_new_tokens=4,
                          do_sample=False, pad_token_id=0, return_dict_in_generate=True)
@@ -81,9 +83,8 @@ def test_generate_uses_latent_cache_by_default(tiny_model, tokens):
     assert cache_nbytes(out.past_key_values) == (5 + 4 - 1) * latent * 4  # the last token is never fed back
 
 
-def test_greedy_generate_matches_recompute_without_cache(family, tiny_model, tokens):
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=1)
+def test_greedy_generate_matches_recompute_without_cache(family, latent, tokens):
+    model, _ = latent(family, kv_ratio=0.5, kv_group_size=1)
     prompt = tokens(1, 5, seed=3)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
                          do_sample=False, pad_token_id=0)
@@ -95,9 +96,8 @@ def test_greedy_generate_matches_recompute_without_cache(family, tiny_model, tok
     assert torch.equal(out, expected)
 
 
-def test_left_padded_batch_equals_unpadded(family, tiny_model, tokens):
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5)
+def test_left_padded_batch_equals_unpadded(family, latent, tokens):
+    model, _ = latent(family, kv_ratio=0.5)
     rows = [tokens(1, n, seed=4 + i)[0] for i, n in enumerate((9, 5))]
     width = max(r.numel() for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -115,9 +115,8 @@ def test_left_padded_batch_equals_unpadded(family, tiny_model, tokens):
             torch.testing.assert_close(step_batched[i], step_single[0], rtol=1e-4, atol=1e-4)
 
 
-def test_seeded_sampling_is_reproducible(tiny_model, tokens):
-    model = tiny_model("qwen3")
-    kv_compress(model, tokens, kv_ratio=0.5)
+def test_seeded_sampling_is_reproducible(latent, tokens):
+    model, _ = latent("qwen3", kv_ratio=0.5)
     prompt = tokens(2, 4, seed=5)
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0)
     torch.manual_seed(7)
@@ -129,11 +128,9 @@ def test_seeded_sampling_is_reproducible(tiny_model, tokens):
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_latent_cache(family, dtype, tiny_model, tokens):
-    reference = tiny_model(family)
-    kv_compress(reference, tokens, kv_ratio=0.5)
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5)
+def test_half_precision_latent_cache(family, dtype, latent, tokens):
+    reference, _ = latent(family, kv_ratio=0.5)
+    model, _ = latent(family, kv_ratio=0.5)
     model = model.to(dtype)
     ids = tokens(2, 10, seed=6)
     got, cache = prefill_and_decode(model, ids, prefill=6)
@@ -143,9 +140,8 @@ def test_half_precision_latent_cache(family, dtype, tiny_model, tokens):
 
 
 @pytest.mark.parametrize("group_size", [None, 1])
-def test_folding_value_up_into_the_output_changes_nothing(family, group_size, tiny_model, tokens, monkeypatch):
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=group_size)
+def test_folding_value_up_into_the_output_changes_nothing(family, group_size, latent, tokens, monkeypatch):
+    model, _ = latent(family, kv_ratio=0.5, kv_group_size=group_size)
     ids = tokens(2, 14, seed=8)
     results = {}
     for policy in ("never", "always"):
@@ -155,10 +151,9 @@ def test_folding_value_up_into_the_output_changes_nothing(family, group_size, ti
 
 
 @pytest.mark.parametrize("group_size", [None, 1])
-def test_value_up_as_one_2d_linear_equals_the_per_head_einsum(family, group_size, tiny_model, tokens, monkeypatch):
+def test_value_up_as_one_2d_linear_equals_the_per_head_einsum(family, group_size, latent, tokens, monkeypatch):
     """The quantizable V up of int8/int4 exports (one 2-D linear, then each head's own block) changes nothing."""
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=group_size)
+    model, _ = latent(family, kv_ratio=0.5, kv_group_size=group_size)
     monkeypatch.setattr(LatentKVAttention, "fold_policy", "always")
     ids = tokens(2, 14, seed=8)
     results = {}
@@ -168,9 +163,8 @@ def test_value_up_as_one_2d_linear_equals_the_per_head_einsum(family, group_size
     torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-5)
 
 
-def test_fold_is_chosen_for_decoding_not_for_long_prefill(tiny_model, tokens):
-    model = tiny_model("llama")
-    kv_compress(model, tokens, kv_ratio=0.5)
+def test_fold_is_chosen_for_decoding_not_for_long_prefill(latent):
+    model, _ = latent("llama", kv_ratio=0.5)
     attention = next(m for m in model.modules() if isinstance(m, LatentKVAttention))
     assert attention.fold_value(steps=1, total=512)
     assert not attention.fold_value(steps=512, total=512)
@@ -190,18 +184,17 @@ def count_key_rebuilds(model, monkeypatch) -> list:
     return calls
 
 
-def test_only_families_without_rope_or_key_norm_absorb(family, tiny_model, tokens):
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5)
+def test_only_families_without_rope_or_key_norm_absorb(family, latent):
+    model, _ = latent(family, kv_ratio=0.5)
     attentions = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
     assert attentions and all(a.can_absorb_key() == (family in ABSORBING) for a in attentions)
 
 
 @pytest.mark.parametrize("family", ABSORBING)
 @pytest.mark.parametrize("group_size", [None, 1])
-def test_absorbed_key_reproduces_dense_at_full_rank(family, group_size, tiny_model, tokens, monkeypatch):
-    dense, model = tiny_model(family), tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=1.0, kv_group_size=group_size)
+def test_absorbed_key_reproduces_dense_at_full_rank(family, group_size, latent, tiny_model, tokens, monkeypatch):
+    dense = tiny_model(family)
+    model, _ = latent(family, kv_ratio=1.0, kv_group_size=group_size)
     monkeypatch.setattr(LatentKVAttention, "absorb_policy", "always")
     rebuilds = count_key_rebuilds(model, monkeypatch)
     ids = tokens(2, 24, seed=1)
@@ -214,9 +207,8 @@ def test_absorbed_key_reproduces_dense_at_full_rank(family, group_size, tiny_mod
 @pytest.mark.parametrize("family", ABSORBING)
 @pytest.mark.parametrize("group_size", [None, 1])
 @pytest.mark.parametrize("fold", ["always", "never"])
-def test_absorbing_key_changes_nothing_at_low_rank(family, group_size, fold, tiny_model, tokens, monkeypatch):
-    model = tiny_model(family)
-    kv_compress(model, tokens, kv_ratio=0.5, kv_group_size=group_size)
+def test_absorbing_key_changes_nothing_at_low_rank(family, group_size, fold, latent, tokens, monkeypatch):
+    model, _ = latent(family, kv_ratio=0.5, kv_group_size=group_size)
     monkeypatch.setattr(LatentKVAttention, "fold_policy", fold)
     ids = tokens(2, 14, seed=8)
     results = {}
@@ -228,13 +220,11 @@ def test_absorbing_key_changes_nothing_at_low_rank(family, group_size, fold, tin
     torch.testing.assert_close(results["always"], results["never"], rtol=0, atol=1e-5)
 
 
-def test_absorption_is_chosen_for_decoding_and_by_cost_for_prefill(tiny_model, tokens):
-    model = tiny_model("gpt2")
-    kv_compress(model, tokens, kv_ratio=0.5)  # one head group: the latent is wider than a head
+def test_absorption_is_chosen_for_decoding_and_by_cost_for_prefill(latent):
+    model, _ = latent("gpt2", kv_ratio=0.5)  # one head group: the latent is wider than a head
     attention = next(m for m in model.modules() if isinstance(m, LatentKVAttention))
     assert attention.k_proj.ranks[0] > attention.head_dim
     assert attention.absorb_key(steps=1, total=512)
     assert not attention.absorb_key(steps=512, total=512)
-    llama = tiny_model("llama")
-    kv_compress(llama, tokens, kv_ratio=0.5)
+    llama, _ = latent("llama", kv_ratio=0.5)
     assert not next(m for m in llama.modules() if isinstance(m, LatentKVAttention)).absorb_key(steps=1, total=512)

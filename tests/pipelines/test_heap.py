@@ -34,5 +34,5 @@ def test_freed_buffers_between_live_ones_leave_the_process():
     before = _rss_bytes()
     freed.clear()
     after = _rss_bytes()
+    del kept  # alive until here: the buffers between the freed ones
     assert before - after >= 0.9 * 32 * size, (before, after)
-    assert len(kept) == 32
