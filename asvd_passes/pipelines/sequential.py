@@ -46,7 +46,8 @@ from ..ranks import ProjectionShape, RankPlan, explicit_plan, uniform_ratio_plan
 from ..refit import refit_up
 from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
-from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
+from .block_graphs import BlockGraphs
+from .blocks import BlockCall, _patched_forwards, block_prefix, record_block_inputs, run_block
 from .heap import return_freed_memory
 
 
@@ -116,6 +117,7 @@ class SequentialPipeline:
         self._storage_dtype = next(p for p in model.parameters()).dtype
         # Blocks may compute in another dtype than they are stored in (float32 on CPU).
         self.compute_dtype = getattr(weights, "compute_dtype", None) or self._storage_dtype
+        self._graphs = BlockGraphs()  # one torch.export per distinct block structure, for both passes
 
     def _release(self, prefix: str, block: nn.Module, dtype: torch.dtype) -> None:
         self.weights.release(prefix, block, dtype)
@@ -164,7 +166,7 @@ class SequentialPipeline:
         """Shapes of the selected projections of every block, from block 0's graph (blocks repeat)."""
         block = self.weights.load(f"{self.prefix}.0", self.layers[0])
         try:
-            graph = capture_block(block, self._feed(hidden), call)
+            graph = self._graphs.capture(block, self._feed(hidden), call)
             selected, _ = self._block_projections(0, graph, block)
             if not find_projections(graph, block):
                 raise NoProjectionsError(f"{type(self.model).__name__} has no linear projections to compress")
@@ -252,7 +254,7 @@ class SequentialPipeline:
         With ``reference`` (dense-path inputs, for the refit), each window runs on the dense path
         first and the observers also accumulate the cross moment; the dense outputs are returned.
         """
-        graph = capture_block(block, self._feed(inputs[0]), call)
+        graph = self._graphs.capture(block, self._feed(inputs[0]), call)
         selected, observed = self._block_projections(index, graph, block)
         statistics, dense_outputs = {}, None
         needed = self.config.statistics
