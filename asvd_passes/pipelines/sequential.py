@@ -7,7 +7,8 @@
    materialised, exact whole-model gradients) and, per block, observes the statistics, takes each
    scaled SVD and keeps only its cost curve. The global greedy then meets the budget exactly.
    ``uniform`` and explicit ranks need no first pass.
-3. For each block in turn: capture it with ``torch.export`` on its real inputs, match its projections,
+3. For each block in turn: take its graph (``torch.export`` runs once per distinct block structure,
+   see ``block_graphs.py``), match its projections,
    insert observers, run the calibration hidden states through the observed graph, decompose with
    the planned ranks (optionally refit ``up``), rewrite the block graph's projection nodes into the
    low-rank modules and run **that rewritten graph** to produce the next block's inputs; then swap
