@@ -46,7 +46,8 @@ class _Template:
     """A captured graph without its block's tensors: the graph and the attributes it owns (constants, guards)."""
 
     def __init__(self, graph_module: fx.GraphModule, block: nn.Module, signature: tuple):
-        self.graph = graph_module.graph
+        # A copy: the captured graph's owning module holds the captured block's tensors (freed after use).
+        self.graph = _copy_graph(graph_module.graph)
         self.signature = signature
         owned = {name for name, _ in block.named_parameters()} | {name for name, _ in block.named_buffers()}
         self.constants = {}

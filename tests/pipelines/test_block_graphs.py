@@ -86,3 +86,23 @@ def test_sequential_pipeline_captures_each_structure_once(family, tiny_model, to
                                    calibration=tokens(4, 16), progress=False)
     # The survey and both passes (fisher allocation) over every block: one capture per structure in all.
     assert len(captured) == _structures(model)
+
+
+def test_kept_graphs_do_not_hold_a_released_blocks_tensors(tiny_model, tokens):
+    """Offloaded runs swap a block's tensors out after use; the kept template must not pin the old ones."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    hidden, calls = record_block_inputs(model, tokens(2, 16), "cpu")
+    block = decoder_layers(model)[0]
+    graphs = BlockGraphs()
+    graphs.capture(block, hidden[0], calls[0])
+    released = weakref.ref(block.self_attn.q_proj.weight)
+    block.self_attn.q_proj.weight = nn.Parameter(block.self_attn.q_proj.weight.detach().clone())
+    gc.collect()
+    assert released() is None
+    again = graphs.capture(block, hidden[0], calls[0])
+    with torch.no_grad():
+        torch.testing.assert_close(again(hidden[1], *calls[0].args, **calls[0].kwargs),
+                                   run_block(block, hidden[1], calls[0]), rtol=0, atol=1e-6)
