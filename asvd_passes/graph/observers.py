@@ -19,7 +19,8 @@ class InputStatistics(nn.Module):
 
     * ``abs_sum`` / ``count``: mean |x| per channel (ASVD's scale),
     * ``abs_max``: max |x| per channel,
-    * ``gram``: XᵀX over all tokens (SVD-LLM's whitening), accumulated in float64.
+    * ``gram``: XᵀX over all tokens (SVD-LLM's whitening), accumulated in float64 (on the CPU from
+      float32 products over chunks of tokens when X is single precision or less).
 
     The forward pass returns nothing: the node it is called from has no users, so the observed
     graph computes exactly what the original graph did.
@@ -49,8 +50,7 @@ class InputStatistics(nn.Module):
             self.abs_sum += magnitude.sum(0, dtype=torch.float64)
             self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0).float())
         if self.gram is not None:
-            wide = flat.double()
-            self.gram.addmm_(wide.T, wide)
+            self._add_gram(flat)
         # A NaN or Inf anywhere in x reaches Σ|x| and the diagonal of Σxxᵀ: checking those costs one
         # pass over the features instead of one over every activation.
         sums = self.gram.diagonal() if self.gram is not None else self.abs_sum if magnitudes else flat
@@ -59,6 +59,22 @@ class InputStatistics(nn.Module):
                 f"NaN or Inf activations reach {', '.join(self.consumers)}; "
                 "check the model weights, dtype (fp16 overflow?) and calibration text"
             )
+
+    # Tokens per single-precision product on the CPU: each XᵀX entry then sums at most this many
+    # float32 terms (relative error ~√512·2⁻²⁴ ≈ 1e-6, far below the calibration sample's own noise)
+    # before the float64 accumulation; a float64 product costs 1.6x as much there, widened copy of X
+    # included. GPUs keep float64 products (a float32 matmul may run in TF32 there).
+    gram_chunk_tokens = 512
+
+    def _add_gram(self, flat: torch.Tensor) -> None:
+        if flat.dtype == torch.float64 or flat.device.type != "cpu":
+            wide = flat.double()
+            self.gram.addmm_(wide.T, wide)
+            return
+        flat = flat.float()
+        for start in range(0, flat.shape[0], self.gram_chunk_tokens):
+            part = flat[start : start + self.gram_chunk_tokens]
+            self.gram += part.T @ part
 
     def _follow(self, device: torch.device) -> None:
         """Accumulate where the activations are (a GPU run keeps its statistics on the GPU)."""

@@ -7,7 +7,8 @@
    materialised, exact whole-model gradients) and, per block, observes the statistics, takes each
    scaled SVD and keeps only its cost curve. The global greedy then meets the budget exactly.
    ``uniform`` and explicit ranks need no first pass.
-3. For each block in turn: capture it with ``torch.export`` on its real inputs, match its projections,
+3. For each block in turn: take its graph (``torch.export`` runs once per distinct block structure,
+   see ``block_graphs.py``), match its projections,
    insert observers, run the calibration hidden states through the observed graph, decompose with
    the planned ranks, rewrite the block graph's projection nodes into the
    low-rank modules and run **that rewritten graph** to produce the next block's inputs; then swap
@@ -44,7 +45,8 @@ from ..modules import LowRankLinear, projection_weight, replace_module
 from ..ranks import ProjectionShape, RankPlan
 from ..scaling import WhiteningScaling, shared_scalings
 from .whole import NoProjectionsError
-from .blocks import BlockCall, _patched_forwards, block_prefix, capture_block, record_block_inputs, run_block
+from .block_graphs import BlockGraphs
+from .blocks import BlockCall, _patched_forwards, block_prefix, record_block_inputs, run_block
 from .heap import return_freed_memory
 from . import planning
 
@@ -120,6 +122,7 @@ class SequentialPipeline:
         self._storage_dtype = next(p for p in model.parameters()).dtype
         # Blocks may compute in another dtype than they are stored in (float32 on CPU).
         self.compute_dtype = getattr(weights, "compute_dtype", None) or self._storage_dtype
+        self._graphs = BlockGraphs()  # one torch.export per distinct block structure, for both passes
 
     def _release(self, prefix: str, block: nn.Module, dtype: torch.dtype) -> None:
         self.weights.release(prefix, block, dtype)
@@ -179,7 +182,7 @@ class SequentialPipeline:
             block = self.weights.load(prefix, self.layers[index])
             try:
                 # Only the input's shape matters to the capture: block 0's input stands for every block's.
-                graph = capture_block(block, self._feed(hidden), calls[index])
+                graph = self._graphs.capture(block, self._feed(hidden), calls[index])
                 relative_of[structure] = [p.name for p in find_projections(graph, block)]
             finally:
                 self._release(prefix, self.layers[index], self._storage_dtype)
@@ -262,7 +265,7 @@ class SequentialPipeline:
 
     def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall):
         """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats."""
-        graph = capture_block(block, self._feed(inputs[0]), call)
+        graph = self._graphs.capture(block, self._feed(inputs[0]), call)
         selected, observed = self._block_projections(index, graph, block)
         statistics = {}
         needed = self.config.statistics

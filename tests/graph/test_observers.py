@@ -131,3 +131,16 @@ def test_nan_activation_stops_compression(tiny_model, tokens):
     with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.0\.self_attn\.q_proj"):
         ap.ASVDCompressor(model).compress(ap.ASVDConfig(method="asvd", allocation="uniform", param_ratio=0.5), calibration=rows, progress=False)
     assert not any(isinstance(m, ap.LowRankLinear) for m in model.modules()), "the model must be left untouched"
+
+
+def test_gram_sums_single_precision_chunks_in_double_precision():
+    """On the CPU, XᵀX comes from float32 products over chunks of tokens (the last one partial), summed in float64."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 650, 24, generator=generator) + 3.0  # 1300 tokens: chunks of 512, 512 and 276
+    stats = InputStatistics(24, ("gram",), ("proj",))
+    stats(x)
+    wide = x.reshape(-1, 24).double()
+    expected = wide.T @ wide
+    assert stats.gram.dtype == torch.float64 and stats.count == 1300
+    torch.testing.assert_close(stats.gram, expected, rtol=1e-6, atol=0)
+    assert not torch.allclose(stats.gram, expected - wide[-1:].T @ wide[-1:], rtol=1e-6, atol=0)  # every token counts
