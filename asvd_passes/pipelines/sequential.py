@@ -217,6 +217,17 @@ class SequentialPipeline:
     # -- passes ----------------------------------------------------------------------------------
 
     def run(self) -> SequentialResult:
+        # Each block's release collects the reference cycles of its captured graph. Freezing what exists
+        # now (torch, transformers, the model's modules: none of it a block's garbage) keeps those
+        # collections to what the run itself makes instead of walking every object of the libraries.
+        gc.collect()
+        gc.freeze()
+        try:
+            return self._run()
+        finally:
+            gc.unfreeze()
+
+    def _run(self) -> SequentialResult:
         tick = time.perf_counter()
         hidden, calls = record_block_inputs(self.model, self.windows, self.device)
         calls = [call.to(self.device, self.compute_dtype) for call in calls]
