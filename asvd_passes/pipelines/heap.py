@@ -3,8 +3,12 @@
 glibc serves an allocation of at least ``M_MMAP_THRESHOLD`` bytes with its own ``mmap`` and unmaps
 it on free. The threshold starts at 128 KiB but rises to the size of every such buffer freed (up to
 32 MiB), so after the first large temporaries the block-sized activations and SVD pieces of a few MiB
-come from the heap instead, where freed space stays in the process. Fixing the threshold at 1 MiB
-keeps it from rising. Elsewhere (macOS, musl) these are no-ops.
+come from the heap instead, where freed space stays in the process. Fixing the threshold at 32 MiB
+keeps it from rising past a block's weights and SVD pieces of a large model, while per-window
+activations and small models' pieces (a few MiB, allocated and freed thousands of times a run) come
+from the heap: mmapping each of them cost a fifth of a SmolLM2 run in page faults (kernel time). The
+heap's free pages leave the process at every block's end (``return_freed_memory``). Elsewhere (macOS,
+musl) these are no-ops.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import ctypes
 import functools
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-LARGE_ALLOCATION = 1 << 20
+LARGE_ALLOCATION = 32 << 20
 
 
 @functools.lru_cache(maxsize=None)  # loaded once; return_freed_memory runs after every block

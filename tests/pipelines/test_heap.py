@@ -20,9 +20,10 @@ def _rss_bytes() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_buffers_between_live_ones_leave_the_process():
-    """Interleaved 2 MiB buffers, every other one freed: with the threshold fixed they were mmapped, so
-    freeing them returns their pages at once (from the heap, the live ones in between would pin them)."""
-    if not map_large_allocations():
+    """Interleaved 2 MiB buffers, every other one freed: with the threshold fixed below them they were
+    mmapped, so freeing them returns their pages at once (from the heap, the live ones in between would
+    pin them). 1 MiB stands for the default's 32 MiB, which would need gigabytes of buffers here."""
+    if not map_large_allocations(1 << 20):
         pytest.skip("not glibc")
     big = torch.ones(4 << 20)  # 16 MiB, mmapped; freeing it would raise glibc's dynamic threshold past 2 MiB
     del big
