@@ -292,7 +292,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    onnx_folder = args.model is not None and (Path(args.model) / "model.onnx").is_file()
+    onnx_folder = args.model is not None and any((Path(args.model) / name).is_file() for name in ("model.onnx", "genai_config.json"))
     if args.tasks:
         if onnx_folder:
             raise InvalidInputError("--tasks runs lm-eval on a PyTorch model folder; for an ONNX export use --data (perplexity)")
@@ -304,11 +304,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .models import load_model_and_tokenizer
 
-    if onnx_folder:  # an export: ONNX Runtime computes the logits
+    if onnx_folder and (Path(args.model) / "asvd_onnx.json").is_file():  # our export: ONNX Runtime computes the logits
         from exporters import ORTCausalLM
 
         runtime = ORTCausalLM(args.model, provider=args.provider)
         result = runtime.perplexity(args.data, seqlen=args.seqlen, windows=args.windows, progress=not args.json)
+    elif onnx_folder:  # any other decoder-only ONNX folder (e.g. onnxruntime-genai's model builder's), on the CPU EP
+        from exporters import ONNXDecoder
+
+        if args.provider != "cpu":
+            raise InvalidInputError("--provider cuda/dml/coreml needs a folder exported by asvd; other ONNX folders run on the CPU EP")
+        result = ONNXDecoder(args.model).perplexity(args.data, seqlen=args.seqlen, windows=args.windows,
+                                                    progress=not args.json)
     else:
         if args.provider != "cpu":
             raise InvalidInputError("--provider applies to ONNX folders; PyTorch models run on the CPU here")
@@ -330,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.set_defaults(run=run_compress)
 
     evaluate = commands.add_parser("eval", help="perplexity (--data) or lm-eval zero-shot accuracy (--tasks) of a model or compressed folder")
-    evaluate.add_argument("model", help="model folder, hub id, .gguf file, ONNX export folder (perplexity by ONNX "
-                                         "Runtime), or 'default' for the embedded model")
+    evaluate.add_argument("model", help="model folder, hub id, .gguf file, ONNX folder (ours or any decoder-only one with "
+                                         "cache inputs, e.g. onnxruntime-genai's model builder's: perplexity by ONNX Runtime), "
+                                         "or 'default' for the embedded model")
     evaluate.add_argument("--data", default=None, help="perplexity: text file (e.g. wiki.test.raw) or hf:NAME[:CONFIG[:SPLIT]]")
     evaluate.add_argument("--tasks", default=None,
                           help="zero-shot accuracy: comma-separated lm-eval tasks (needs pip install 'asvd-passes[eval]')")

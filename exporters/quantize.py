@@ -10,6 +10,14 @@ That covers the dense projections, both thin ASVD factors (``down`` and ``up``),
 tied one is untied first, then shares its 4-bit tensors with the embedding). What it cannot touch
 stays float and is reported (``weight_summary``): norm scales, biases, RoPE tables, and any op that
 reads a float matrix without an N-bit kernel.
+
+Every ``MatMulNBits`` carries ``accuracy_level`` = :data:`CPU_ACCURACY_LEVEL` (4), what
+onnxruntime-genai's model builder sets for the CPU EP: the activations are quantized to int8 per
+block and the product runs on ORT's int8 kernels. Without it (level 0, fp32 compute) the CPU EP
+dequantizes each weight block to float on every call: int8 weights decoded at a tenth of fp32's
+speed (benchmarks/results/deploy.md). The cost is one more rounding, of the activations: logits
+move by about 1e-2 of their range on tiny models (tests/exporters/test_quantize.py). The builder
+sets 0 (no attribute) for the CUDA EP, whose kernels ignore it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from asvd_passes.errors import InvalidInputError, MissingDependencyError
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+# MatMulNBits' accuracy_level: 4 = int8 activations and int8 compute (the builder's CPU default), 0 = unset.
+CPU_ACCURACY_LEVEL = 4
 
 
 def check_weights(weights: str, block_size: int | None) -> None:
@@ -61,7 +71,8 @@ def check_quantizable(model, weights: str) -> None:
         )
 
 
-def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: bool = False) -> dict:
+def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: bool = False,
+                  accuracy_level: int = CPU_ACCURACY_LEVEL) -> dict:
     """Quantize ``path`` in place; return what became N-bit and what stayed float (op counts, bytes)."""
     import onnx
 
@@ -85,9 +96,9 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
     untied = untie_transposed_weights(model)
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # GatherBlockQuantized is 4-bit only
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
-                                          op_types_to_quantize=op_types)
+                                          accuracy_level=accuracy_level, op_types_to_quantize=op_types)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=False,
-                                     op_types_to_quantize=op_types, algo_config=config)
+                                     accuracy_level=accuracy_level, op_types_to_quantize=op_types, algo_config=config)
     # The quantizer logs one INFO line per node it skips, onnx-ir one per deduplicated initializer.
     loggers = [logging.getLogger(name) for name in (MatMulNBitsQuantizer.__module__, "onnx_ir")]
     levels = [logger.level for logger in loggers]
@@ -104,7 +115,7 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
         stale.unlink()
     onnx.save(quantized, str(path), save_as_external_data=external_data,
               location=path.name + ".data" if external_data else None)
-    return {**weight_summary(quantized), "tied_embedding_shared": shared}
+    return {**weight_summary(quantized), "tied_embedding_shared": shared, "accuracy_level": accuracy_level}
 
 
 def untie_transposed_weights(model) -> dict[str, str]:
