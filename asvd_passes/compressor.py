@@ -159,6 +159,8 @@ class ASVDCompressor(OptimumQuantizer):
         seconds = dict(analysis.seconds, allocate=allocate_seconds)
         params_before = model_params(model)
         pipeline.apply(analysis, plan, kv_plan)
+        if kv_plan is not None and config.kv_bits is not None:
+            pipeline.calibrate_kv_quantizers(analysis.windows, config)
         seconds["compress"] = sum(seconds.values())
         model.config.quantization_config = quantization_config(
             config, plan, kv_plan, analysis.windows, analysis.calibration_source, "whole")

@@ -17,6 +17,8 @@ DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
 DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
+KV_BITS = (8, 4)  # stored bits of a quantized latent cache (kv/quant.py)
+KV_QUANT_GRANULARITIES = ("channel", "tensor")
 PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_WHITENINGS = ("none", "gradient")
@@ -74,6 +76,13 @@ class ASVDConfig(BaseConfig):
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
             for V) in the decomposition; ``False`` gives the plain scaled SVD of each group.
+        kv_bits: store the cached latents as ``8``-bit or ``4``-bit codes with static scales
+            calibrated on the calibration windows (``None``: the model's float dtype). Needs ``kv_ratio``
+            (``kv_ratio=1.0`` keeps the full width and only quantizes).
+        kv_quant_granularity: ``channel`` (a scale and zero point per latent channel) or ``tensor``
+            (one per layer and K/V).
+        kv_quant_rotate: turn each latent by a random orthogonal matrix folded into its down and up
+            before calibrating the scales (spreads outlier channels; the float model is unchanged).
         output_whitening: ``gradient`` also whitens each weight projection's outputs by the covariance
             of the loss gradient with respect to them, G = E[g·gᵀ] over ``sensitivity_samples`` windows
             (K-FAC's output factor): the SVD is of R_Gᵀ·W·S, so truncation minimises the predicted loss
@@ -112,6 +121,9 @@ class ASVDConfig(BaseConfig):
         kv_group_size: int | None = None,
         kv_allocation: str = "fisher",
         kv_output_metric: bool = True,
+        kv_bits: int | None = None,
+        kv_quant_granularity: str = "channel",
+        kv_quant_rotate: bool = False,
         pipeline: str = "auto",
         sequential_calibration: bool = True,
         device: str = "auto",
@@ -147,6 +159,9 @@ class ASVDConfig(BaseConfig):
         self.kv_group_size = kv_group_size
         self.kv_allocation = kv_allocation
         self.kv_output_metric = kv_output_metric
+        self.kv_bits = kv_bits
+        self.kv_quant_granularity = kv_quant_granularity
+        self.kv_quant_rotate = kv_quant_rotate
         self.pipeline = pipeline
         self.sequential_calibration = sequential_calibration
         self.device = device
@@ -204,6 +219,13 @@ class ASVDConfig(BaseConfig):
             raise InvalidInputError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
         if self.kv_allocation not in KV_ALLOCATIONS:
             raise InvalidInputError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise InvalidInputError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} or None, got {self.kv_bits!r}")
+        if self.kv_bits is not None and self.kv_ratio is None:
+            raise InvalidInputError("kv_bits quantizes the latent KV cache: give a kv_ratio too (1.0 keeps its full width)")
+        if self.kv_quant_granularity not in KV_QUANT_GRANULARITIES:
+            raise InvalidInputError(f"Unknown kv_quant_granularity {self.kv_quant_granularity!r}; "
+                                    f"choose one of {', '.join(KV_QUANT_GRANULARITIES)}")
         if self.kv_group_size is not None and (not isinstance(self.kv_group_size, int) or self.kv_group_size < 1):
             raise InvalidInputError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
         if self.rank_multiple < 1 or self.sensitivity_samples < 1:

@@ -203,6 +203,20 @@ class WholeModelPipeline:
         if kv_plan is not None:
             kv.apply_kv_plan(model, analysis.kv_layouts, kv_plan, analysis.kv_svds)
 
+    def calibrate_kv_quantizers(self, windows: torch.Tensor, config: ASVDConfig) -> None:
+        """Static scales of a quantized latent cache from the calibration windows run through the whole model."""
+        model = self.model
+        attentions = [m for m in model.modules() if isinstance(m, kv.LatentKVAttention)]
+        device = next(model.parameters()).device
+
+        def run():
+            for window in windows:
+                model(input_ids=window[None].to(device), use_cache=False)
+
+        with torch.no_grad():
+            kv.quant.calibrate_latent_quantizers(attentions, run, config.kv_bits, config.kv_quant_granularity,
+                                                 config.kv_quant_rotate, config.seed)
+
     # -- allocation --------------------------------------------------------------------------------
 
     def _plan(self, analysis: Analysis, config: ASVDConfig) -> RankPlan:
