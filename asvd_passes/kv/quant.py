@@ -42,6 +42,11 @@ def check_bits(bits) -> None:
 class LatentQuantizer(nn.Module):
     """Static asymmetric quantizer of one latent (per channel scale and zero point, stored as buffers)."""
 
+    # Set while exporting to ONNX: quantize/dequantize through torch's ``quantized_decomposed`` ops, which
+    # the ONNX exporter writes as QuantizeLinear (+ Clip to the 4-bit range) and DequantizeLinear with the
+    # scales and zero points as initializers. Eager PyTorch computes the same definition directly.
+    onnx_ops = False
+
     def __init__(self, width: int, bits: int, device=None):
         super().__init__()
         check_bits(bits)
@@ -69,18 +74,35 @@ class LatentQuantizer(nn.Module):
 
     def quantize(self, latent: torch.Tensor) -> torch.Tensor:
         """(…, width) float latent → (…, stored_width) codes: int8, or uint8 holding two 4-bit codes."""
-        codes = self.codes(latent).to(self.code_dtype)
+        if self.onnx_ops:
+            from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers quantized_decomposed)
+
+            low, high = self.code_range
+            codes = torch.ops.quantized_decomposed.quantize_per_channel(
+                latent.float(), self.scale, self.zero_point.long(), latent.dim() - 1, low, high, self.code_dtype)
+        else:
+            codes = self.codes(latent).to(self.code_dtype)
         if self.bits == 8:
             return codes
         if self.width % 2:
             codes = nn.functional.pad(codes, (0, 1))
-        pairs = codes.unflatten(-1, (-1, 2))
-        return pairs[..., 0] | (pairs[..., 1] << 4)
+        # Two codes per byte, low nibble first. In float arithmetic (exact for 0…255) rather than bit shifts,
+        # which ONNX defines for unsigned types only and the exporter casts through signed ones.
+        pairs = codes.unflatten(-1, (-1, 2)).float()
+        return (pairs[..., 0] + 16 * pairs[..., 1]).to(torch.uint8)
 
     def dequantize(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """DequantizeLinear: (codes - zero_point)·scale, in ``dtype``."""
         if self.bits == 4:
-            stored = torch.stack([stored & 15, stored >> 4], dim=-1).flatten(-2)[..., : self.width]
+            byte = stored.float()
+            high = torch.floor(byte / 16)
+            stored = torch.stack([byte - 16 * high, high], dim=-1).flatten(-2)[..., : self.width].to(torch.uint8)
+        if self.onnx_ops:
+            from torch.ao.quantization.fx import _decomposed  # noqa: F401
+
+            low, high = self.code_range
+            return torch.ops.quantized_decomposed.dequantize_per_channel(
+                stored, self.scale, self.zero_point.long(), stored.dim() - 1, low, high, self.code_dtype).to(dtype)
         return ((stored.float() - self.zero_point.float()) * self.scale).to(dtype)
 
     def fit(self, low: torch.Tensor, high: torch.Tensor, rows: torch.Tensor | None, granularity: str) -> None:
