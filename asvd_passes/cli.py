@@ -44,6 +44,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
                         help="store the latent cache as 8- or 4-bit codes with static scales calibrated on the "
                              "calibration windows (default: float; needs --kv-ratio, 1.0 keeps the full width)")
+    target.add_argument("--kv-budget", type=float, default=None, metavar="BYTES_PER_TOKEN",
+                        help="latent KV cache of at most this many bytes per token: ranks per layer and the "
+                             "storage (float, 8 or 4 bits) chosen together by predicted loss (instead of "
+                             "--kv-ratio/--kv-bits)")
     calibration = parser.add_argument_group("calibration")
     calibration.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
     calibration.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
@@ -131,6 +135,7 @@ def compress_config(args: argparse.Namespace):
         kv_group_size=args.kv_group_size,
         kv_allocation=args.kv_allocation,
         kv_bits=args.kv_bits,
+        kv_budget=args.kv_budget,
         kv_quant_granularity=args.kv_quant_granularity,
         kv_quant_rotate=args.kv_quant_rotate,
         allocation=args.allocation,

@@ -14,7 +14,8 @@ from asvd_passes.kv.quant import LatentQuantizer, rotate_latent
 
 
 def compress(model, tokens, save_dir=None, **config):
-    config = ap.ASVDConfig(method="whiten", seqlen=16, calib_samples=4, kv_allocation="uniform", **config)
+    config.setdefault("kv_allocation", "uniform")
+    config = ap.ASVDConfig(method="whiten", seqlen=16, calib_samples=4, **config)
     return ap.ASVDCompressor(model).compress(config, calibration=tokens(4, 16, seed=9), save_dir=save_dir, progress=False)
 
 
@@ -107,7 +108,42 @@ def test_full_width_int8_cache(tiny_model, tokens):
     (dict(param_ratio=0.8, kv_bits=8), "kv_bits quantizes the latent KV cache: give a kv_ratio"),
     (dict(kv_ratio=0.5, kv_bits=3), "kv_bits must be one of 8, 4"),
     (dict(kv_ratio=0.5, kv_bits=8, kv_quant_granularity="group"), "Unknown kv_quant_granularity"),
+    (dict(kv_budget=1000, kv_ratio=0.5), "kv_budget chooses the KV ratio and bits itself"),
+    (dict(kv_budget=1000, kv_allocation="uniform"), "kv_budget prices ranks and bits"),
+    (dict(kv_budget=-1), "kv_budget must be a positive number"),
 ])
 def test_bad_kv_quant_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ap.ASVDConfig(**kwargs)
+
+
+def test_budget_plan_meets_the_bytes_and_reloads(tiny_model, tokens, tmp_path):
+    """--kv-budget: ranks and storage chosen together; the measured cache fits the budget; the folder reloads."""
+    model = tiny_model("llama")  # 2 layers, K and V 16 wide each: 64 fp32 numbers = 256 bytes per token dense
+    budget = 40  # an fp32 latent of 10 numbers, or 8-bit of 40 (more than half the width), or 4-bit of 78
+    report = compress(model, tokens, tmp_path / "out", kv_budget=budget, kv_allocation="fisher")
+    assert report.kv["bits"] in (8, 4) and report.kv["budget"] == budget
+    assert measure_kv_bytes_per_token(model) <= budget
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = tokens(2, 12, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_budget_plan_prices_bits_against_ranks(tiny_model):
+    from asvd_passes.kv import find_attention_layers
+    from asvd_passes.kv.plan import budget_kv_plan
+
+    layouts = find_attention_layers(tiny_model("llama"))
+    # Every channel costs the same to drop: the plan keeps as many channels as the bytes allow.
+    costs = {(l.name, role, 0): [float(16 - r) for r in range(17)] for l in layouts for role in ("key", "value")}
+    dense_bytes = 2 * 2 * 16 * 4
+    assert budget_kv_plan(layouts, costs, dense_bytes, 4, 2).bits is None  # the dense budget: float, full rank
+    full_int8 = budget_kv_plan(layouts, costs, dense_bytes // 4, 4, 2)  # float would keep a quarter of the width
+    assert full_int8.bits == 8 and full_int8.ratio == 1.0
+
+
+def test_budget_below_the_smallest_cache_is_refused_before_any_work(tiny_model, tokens, tmp_path):
+    with pytest.raises(ValueError, match="below the smallest latent cache this model can have"):
+        compress(tiny_model("llama"), tokens, tmp_path / "out", kv_budget=1, kv_allocation="fisher")
+    assert not (tmp_path / "out").exists()
