@@ -44,10 +44,6 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
                         help="store the latent cache as 8- or 4-bit codes with static scales calibrated on the "
                              "calibration windows (default: float; needs --kv-ratio, 1.0 keeps the full width)")
-    target.add_argument("--kv-budget", type=float, default=None, metavar="BYTES_PER_TOKEN",
-                        help="latent KV cache of at most this many bytes per token: ranks per layer and the "
-                             "storage (float, 8 or 4 bits) chosen together by predicted loss (instead of "
-                             "--kv-ratio/--kv-bits)")
     calibration = parser.add_argument_group("calibration")
     calibration.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
     calibration.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
@@ -87,6 +83,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     advanced = hidden_group("advanced", "finer control of ranks, K/V, storage and the pipeline")
     advanced("--kv-group-size", type=int, default=None, help="KV heads per latent group (default: one latent for all KV heads)")
     advanced("--kv-allocation", choices=["uniform", "fisher"], default="fisher", help="per-layer K/V latent ranks (default: fisher)")
+    advanced("--kv-budget", type=float, default=None, metavar="BYTES_PER_TOKEN",
+             help="latent KV cache of at most this many bytes per token: ranks per layer and the "
+                  "storage (float, 8 or 4 bits) chosen together by predicted loss (instead of "
+                  "--kv-ratio/--kv-bits)")
     advanced("--kv-quant-granularity", choices=["channel", "tensor"], default="channel",
              help="with --kv-bits: a scale per latent channel (default) or one per layer and K/V")
     advanced("--kv-quant-rotate", action="store_true",
