@@ -89,7 +89,7 @@ def test_quantized_cache_bytes_logits_and_reload(family_name, pipeline, bits, ti
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, whole, rtol=0, atol=0)
     info = inspect_model(loaded, tmp_path / "out")
-    assert info["kv_bytes_per_token"] == float_bytes // (4 if bits == 8 else 8)
+    assert info["kv_bytes_per_token"] == float_bytes // (4 if bits == 8 else 8) and info["kv_bits"] == bits
 
 
 def test_full_width_int8_cache(tiny_model, tokens):
