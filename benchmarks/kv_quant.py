@@ -4,10 +4,11 @@ Only K/V are compressed (dense weights). For each KV ratio the latent cache is m
 then stored as 8- and 4-bit codes with static scales calibrated on the calibration windows (per
 latent channel, per tensor, with and without an orthogonal rotation folded into the factors).
 Perplexity: WikiText-2 test, the protocol of ``../shared/data/README.md``; bytes per token measured
-from a real cache object (``asvd inspect``'s probe). Whole-model pipeline (one analysis serves every
-ratio; the CLI's default sequential pipeline calibrates block by block and lands within noise of it).
+from a real cache object (``asvd inspect``'s probe). Whole-model pipeline: one analysis serves every
+ratio (the CLI defaults to the sequential pipeline, which calibrates block by block).
 
-    python benchmarks/kv_quant.py      # writes benchmarks/results/kv_quant.{md,json}
+    python benchmarks/kv_quant.py      # writes benchmarks/results/kv_quant.{md,json} (after every row)
+    python benchmarks/kv_quant.py --from-log RUN.log   # the tables from the rows a run printed
 """
 
 from __future__ import annotations
@@ -33,13 +34,42 @@ FORMS = {
 DEFAULT_FORMS = [(None, "-", False), (8, "channel", False), (4, "channel", False)]
 
 
+def write_results(rows: list[dict], out: Path, seqlen: int, windows: int, tokens: int | None) -> None:
+    """``out``.json (the rows) and ``out``.md (the table)."""
+    from asvd_passes.models import EMBEDDED_DESCRIPTION
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(windows=windows, tokens=tokens, rows=rows), indent=2))
+    lines = [
+        f"{EMBEDDED_DESCRIPTION}; CPU, fp32 weights (only K/V factored, whiten, fisher KV allocation, one latent "
+        f"per layer for all KV heads). Perplexity: WikiText-2 test, seqlen {seqlen}, {windows} windows"
+        + (f" ({tokens} tokens)" if tokens else "") + f". Calibration (factors and cache scales) 16×{seqlen} "
+        "validation windows, seed 0. Cache bytes per token measured from the cache after a 16-token forward.",
+        "",
+        "| KV ratio | K ratio | stored bits | scales | rotation | perplexity | cache bytes/token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        key_ratio = f"{row['key_ratio']:.3f}" if "key_ratio" in row else "-"
+        lines.append(f"| {row['ratio']:.2f} | {key_ratio} | {row['bits']} | {row['granularity']} | "
+                     f"{'yes' if row['rotate'] else 'no'} | {row['ppl']:.2f} | {row['bytes_per_token']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", default="1.0,0.5,0.75")
     parser.add_argument("--windows", type=int, default=30)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kv_quant"))
+    parser.add_argument("--from-log", default=None,
+                        help="only write the tables from the JSON rows a run printed (e.g. a run cut short)")
     args = parser.parse_args()
+    if args.from_log:
+        rows = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.startswith("{")]
+        write_results(rows, Path(args.out), args.seqlen, args.windows, None)
+        return 0
 
     from asvd_passes import ASVDCompressor, ASVDConfig, perplexity
     from asvd_passes.inspect_model import measure_kv_bytes_per_token
@@ -73,32 +103,14 @@ def main() -> int:
                              bits=bits or 32, granularity=granularity, rotate=rotate, ppl=result["ppl"],
                              bytes_per_token=measure_kv_bytes_per_token(model)))
             print(json.dumps(rows[-1]), flush=True)
+            write_results(rows, Path(args.out), args.seqlen, dense["windows"], dense["tokens"])  # a cut run keeps its rows
         for attention in (m for m in model.modules() if isinstance(m, LatentKVAttention)):
             attention.key_quantizer = attention.value_quantizer = None
         for name, module in dense_attention.items():
             replace_module(model, name, module)
         del model.config.quantization_config
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(dense=dense, rows=rows), indent=2))
-    from asvd_passes.models import EMBEDDED_DESCRIPTION
-
-    lines = [
-        f"{EMBEDDED_DESCRIPTION}; CPU, fp32 weights (only K/V factored, whiten, fisher KV allocation, one latent "
-        f"per layer for all KV heads). Perplexity: WikiText-2 test, seqlen {args.seqlen}, {dense['windows']} windows "
-        f"({dense['tokens']} tokens). Calibration (factors and cache scales) 16×{args.seqlen} validation windows, "
-        "seed 0. Cache bytes per token measured from the cache after a 16-token forward.",
-        "",
-        "| KV ratio | K ratio | stored bits | scales | rotation | perplexity | cache bytes/token |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        key_ratio = f"{row['key_ratio']:.3f}" if "key_ratio" in row else "-"
-        lines.append(f"| {row['ratio']:.2f} | {key_ratio} | {row['bits']} | {row['granularity']} | "
-                     f"{'yes' if row['rotate'] else 'no'} | {row['ppl']:.2f} | {row['bytes_per_token']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(rows, Path(args.out), args.seqlen, dense["windows"], dense["tokens"])
     return 0
 
 
