@@ -41,6 +41,9 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                              "--kv-ratio, --ranks or --ppl-target: those alone leave the other weights dense)")
     target.add_argument("--kv-ratio", type=float, default=None,
                         help="latent KV cache: cached latent width / dense K+V width, in (0, 1]")
+    target.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                        help="store the latent cache as 8- or 4-bit codes with static scales calibrated on the "
+                             "calibration windows (default: float; needs --kv-ratio, 1.0 keeps the full width)")
     calibration = parser.add_argument_group("calibration")
     calibration.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
     calibration.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
@@ -80,6 +83,14 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     advanced = hidden_group("advanced", "finer control of ranks, K/V, storage and the pipeline")
     advanced("--kv-group-size", type=int, default=None, help="KV heads per latent group (default: one latent for all KV heads)")
     advanced("--kv-allocation", choices=["uniform", "fisher"], default="fisher", help="per-layer K/V latent ranks (default: fisher)")
+    advanced("--kv-budget", type=float, default=None, metavar="BYTES_PER_TOKEN",
+             help="latent KV cache of at most this many bytes per token: ranks per layer and the "
+                  "storage (float, 8 or 4 bits) chosen together by predicted loss (instead of "
+                  "--kv-ratio/--kv-bits)")
+    advanced("--kv-quant-granularity", choices=["channel", "tensor"], default="channel",
+             help="with --kv-bits: a scale per latent channel (default) or one per layer and K/V")
+    advanced("--kv-quant-rotate", action="store_true",
+             help="with --kv-bits: turn each latent by a random orthogonal matrix folded into its factors first")
     advanced("--rank-multiple", type=int, default=1, help="round ranks down to a multiple (e.g. 8)")
     advanced("--sensitivity-samples", type=int, default=4, help="calibration windows for sensitivities")
     advanced("--ranks", default=None, help="JSON file with an explicit {module_name: rank} map")
@@ -123,6 +134,10 @@ def compress_config(args: argparse.Namespace):
         kv_ratio=args.kv_ratio,
         kv_group_size=args.kv_group_size,
         kv_allocation=args.kv_allocation,
+        kv_bits=args.kv_bits,
+        kv_budget=args.kv_budget,
+        kv_quant_granularity=args.kv_quant_granularity,
+        kv_quant_rotate=args.kv_quant_rotate,
         allocation=args.allocation,
         ppl_target=args.ppl_target,
         rank_multiple=args.rank_multiple,
@@ -185,6 +200,8 @@ def kv_summary(kv: dict) -> str:
     for name, roles in kv["layers"].items():
         block, _ = split_block(name + ".x")
         lines.append(f"{block:24s} K={'+'.join(map(str, roles['key']))} V={'+'.join(map(str, roles['value']))}")
+    if kv.get("bits") is not None:
+        lines.append(f"latent cache stored as {kv['bits']}-bit codes (static scales)")
     return "\n".join(lines)
 
 

@@ -138,10 +138,11 @@ class ASVDCompressor(OptimumQuantizer):
         model = self.model.eval()
         if any(isinstance(m, (LowRankLinear, LatentKVAttention)) for m in model.modules()):
             raise InvalidInputError("This model is already ASVD-compressed; compress the original model instead")
-        if config.kv_ratio is not None:  # attention the family table does not cover is refused before any work
+        if config.latent_kv:  # attention the family table does not cover is refused before any work
             from . import kv
 
-            kv.find_attention_layers(model, "The KV pass (--kv-ratio)")
+            layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)")
+            kv.plan.check_budget(config, layouts, next(model.parameters()).element_size())
         start = time.perf_counter()
         windows = self._calibration(config, calibration)
         data_seconds = time.perf_counter() - start
@@ -159,6 +160,8 @@ class ASVDCompressor(OptimumQuantizer):
         seconds = dict(analysis.seconds, allocate=allocate_seconds)
         params_before = model_params(model)
         pipeline.apply(analysis, plan, kv_plan)
+        if kv_plan is not None and kv_plan.bits is not None:
+            pipeline.calibrate_kv_quantizers(analysis.windows, config, kv_plan.bits)
         seconds["compress"] = sum(seconds.values())
         model.config.quantization_config = quantization_config(
             config, plan, kv_plan, analysis.windows, analysis.calibration_source, "whole")

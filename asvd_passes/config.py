@@ -17,6 +17,8 @@ DEFAULT_STRS_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ASVD_STATISTICS = ("abs_mean", "abs_max")
 DEFAULT_PARAM_RATIO = 0.9
 KV_ALLOCATIONS = ("uniform", "fisher")
+KV_BITS = (8, 4)  # stored bits of a quantized latent cache (kv/quant.py)
+KV_QUANT_GRANULARITIES = ("channel", "tensor")
 PIPELINES = ("auto", "whole", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_WHITENINGS = ("none", "gradient")
@@ -74,6 +76,16 @@ class ASVDConfig(BaseConfig):
         kv_allocation: ``fisher`` (per layer, K and V apart, by loss cost) or ``uniform``.
         kv_output_metric: weight K/V errors by how attention reads them (queries for K, ``o_proj``
             for V) in the decomposition; ``False`` gives the plain scaled SVD of each group.
+        kv_bits: store the cached latents as ``8``-bit or ``4``-bit codes with static scales
+            calibrated on the calibration windows (``None``: the model's float dtype). Needs ``kv_ratio``
+            (``kv_ratio=1.0`` keeps the full width and only quantizes).
+        kv_budget: cache bytes per token for the latent KV cache, in place of ``kv_ratio``/``kv_bits``: the
+            ranks of every layer and one storage (float, 8 or 4 bits) for all are chosen together to
+            minimise the predicted loss (``kv/plan.py``: ``budget_kv_plan``); needs the fisher KV allocation.
+        kv_quant_granularity: ``channel`` (a scale and zero point per latent channel) or ``tensor``
+            (one per layer and K/V).
+        kv_quant_rotate: turn each latent by a random orthogonal matrix folded into its down and up
+            before calibrating the scales (spreads outlier channels; the float model is unchanged).
         output_whitening: ``gradient`` also whitens each weight projection's outputs by the covariance
             of the loss gradient with respect to them, G = E[g·gᵀ] over ``sensitivity_samples`` windows
             (K-FAC's output factor): the SVD is of R_Gᵀ·W·S, so truncation minimises the predicted loss
@@ -112,6 +124,10 @@ class ASVDConfig(BaseConfig):
         kv_group_size: int | None = None,
         kv_allocation: str = "fisher",
         kv_output_metric: bool = True,
+        kv_bits: int | None = None,
+        kv_budget: float | None = None,
+        kv_quant_granularity: str = "channel",
+        kv_quant_rotate: bool = False,
         pipeline: str = "auto",
         sequential_calibration: bool = True,
         device: str = "auto",
@@ -126,7 +142,7 @@ class ASVDConfig(BaseConfig):
             if name not in passthrough_keys():
                 raise unknown_field_error(name, self.fields())
         super().__init__(**kwargs)
-        if param_ratio is None and not ranks and ppl_target is None and kv_ratio is None:
+        if param_ratio is None and not ranks and ppl_target is None and kv_ratio is None and kv_budget is None:
             param_ratio = DEFAULT_PARAM_RATIO  # nothing asked for: compress the weights at the default ratio
         self.method = method
         self.param_ratio = param_ratio
@@ -147,6 +163,10 @@ class ASVDConfig(BaseConfig):
         self.kv_group_size = kv_group_size
         self.kv_allocation = kv_allocation
         self.kv_output_metric = kv_output_metric
+        self.kv_bits = kv_bits
+        self.kv_budget = kv_budget
+        self.kv_quant_granularity = kv_quant_granularity
+        self.kv_quant_rotate = kv_quant_rotate
         self.pipeline = pipeline
         self.sequential_calibration = sequential_calibration
         self.device = device
@@ -198,12 +218,26 @@ class ASVDConfig(BaseConfig):
             raise InvalidInputError("allocation 'strs' probes the whole model: use pipeline 'whole' (or 'auto')")
         if self.ppl_target is not None and self.allocation != "strs":
             raise InvalidInputError("ppl_target needs allocation='strs'")
-        if self.param_ratio is None and not self.ranks and self.ppl_target is None and self.kv_ratio is None:
-            raise InvalidInputError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map or a kv_ratio")
+        if self.param_ratio is None and not self.ranks and self.ppl_target is None and not self.latent_kv:
+            raise InvalidInputError("Give a param_ratio in (0, 1], a ppl_target, an explicit ranks map, a kv_ratio or a kv_budget")
+        if self.kv_budget is not None:
+            if self.kv_ratio is not None or self.kv_bits is not None:
+                raise InvalidInputError("kv_budget chooses the KV ratio and bits itself: give it without kv_ratio and kv_bits")
+            if not float(self.kv_budget) > 0:
+                raise InvalidInputError(f"kv_budget must be a positive number of cache bytes per token, got {self.kv_budget}")
+            if self.kv_allocation != "fisher":
+                raise InvalidInputError("kv_budget prices ranks and bits by their predicted loss: use kv_allocation 'fisher'")
         if self.kv_ratio is not None and not (0.0 < float(self.kv_ratio) <= 1.0):
             raise InvalidInputError(f"kv_ratio must lie in (0, 1], got {self.kv_ratio}")
         if self.kv_allocation not in KV_ALLOCATIONS:
             raise InvalidInputError(f"Unknown kv_allocation {self.kv_allocation!r}; choose one of {', '.join(KV_ALLOCATIONS)}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise InvalidInputError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} or None, got {self.kv_bits!r}")
+        if self.kv_bits is not None and self.kv_ratio is None:
+            raise InvalidInputError("kv_bits quantizes the latent KV cache: give a kv_ratio too (1.0 keeps its full width)")
+        if self.kv_quant_granularity not in KV_QUANT_GRANULARITIES:
+            raise InvalidInputError(f"Unknown kv_quant_granularity {self.kv_quant_granularity!r}; "
+                                    f"choose one of {', '.join(KV_QUANT_GRANULARITIES)}")
         if self.kv_group_size is not None and (not isinstance(self.kv_group_size, int) or self.kv_group_size < 1):
             raise InvalidInputError(f"kv_group_size must be a positive integer, got {self.kv_group_size!r}")
         if self.rank_multiple < 1 or self.sensitivity_samples < 1:
@@ -228,7 +262,7 @@ class ASVDConfig(BaseConfig):
             needed.append(self.asvd_statistic)
         # Whitening needs XᵀX; so does the closed-form output error of the fisher allocation.
         weights_fisher = self.compresses_weights and self.allocation == "fisher" and not self.ranks
-        kv_fisher = self.kv_ratio is not None and self.kv_allocation == "fisher"
+        kv_fisher = self.latent_kv and self.kv_allocation == "fisher"
         if self.method == "whiten" or weights_fisher or kv_fisher:
             needed.append("gram")
         return tuple(needed)
@@ -237,6 +271,11 @@ class ASVDConfig(BaseConfig):
     def interpolative(self) -> bool:
         """Whether factored projections are stored in the interpolative form (see ``lowrank_form``)."""
         return self.lowrank_form == "interpolative"
+
+    @property
+    def latent_kv(self) -> bool:
+        """Whether K/V get a latent cache (by ratio or by byte budget)."""
+        return self.kv_ratio is not None or self.kv_budget is not None
 
     @property
     def compresses_weights(self) -> bool:

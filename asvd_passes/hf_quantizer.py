@@ -52,26 +52,31 @@ class ASVDHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         ranks = self.quantization_config.ranks
         kv_data = getattr(self.quantization_config, "kv", None)
-        layouts = kv_plan = None
+        layouts = kv_plan = kv_bits = None
         if kv_data:
             from . import kv
 
             layouts = kv.find_attention_layers(model, "Loading a latent-KV model")  # unsupported: its own error
             try:
                 kv_plan = kv.KVPlan.from_dict(kv_data, layouts)
+                kv_bits = (getattr(self.quantization_config, "kv_quant", None) or {}).get("bits")
+                if kv_bits is not None:
+                    kv.quant.check_bits(kv_bits)
             except (KeyError, TypeError, ValueError) as err:
                 raise CorruptCompressedModelError(f"The saved latent-KV plan does not fit this model: {err}") from err
         if checkpoint_files:
             extra = {}
             if kv_plan is not None:
                 try:
-                    extra = kv.expected_kv_shapes(model, layouts, kv_plan)
+                    extra = kv.expected_kv_shapes(model, layouts, kv_plan, quantized=kv_bits is not None)
                 except ValueError as err:
                     raise CorruptCompressedModelError(str(err)) from err
             check_checkpoint(model, ranks, checkpoint_files, extra, self.interpolative)
         # K/V first: the latent attention adopts the dense q/o projections, which the ranks may then factor.
         if kv_plan is not None:
             kv.replace_with_empty_latent(model, layouts, kv_plan)
+            if kv_bits is not None:
+                kv.quant.install_empty_quantizers((model.get_submodule(name) for name in kv_plan.ranks), kv_bits)
         replace_with_empty_lowrank(model, ranks, self.interpolative)
         return model
 

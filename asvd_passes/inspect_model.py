@@ -62,6 +62,7 @@ def inspect_model(model: nn.Module, folder: str | Path | None = None) -> dict:
         "allocation": quant.get("allocation"),
         "lowrank_form": quant.get("lowrank_form", "pair") if lowrank else None,
         "kv_group_size": (quant.get("kv") or {}).get("group_size"),
+        "kv_bits": next((m.key_quantizer.bits for m in latent.values() if m.key_quantizer is not None), None),
         "ranks": lowrank,
         "kv_ranks": {name: {"key": m.k_proj.ranks, "value": m.v_proj.ranks} for name, m in latent.items()},
     }

@@ -107,6 +107,8 @@ def build_report(config: ASVDConfig, plan: RankPlan, kv_plan, shapes: dict[str, 
             allocation=config.kv_allocation,
             dense_width=kv_plan.dense_width,
             latent_width=kv_plan.total_latent_width,
+            bits=kv_plan.bits,
+            budget=config.kv_budget,
         ),
     )
 
@@ -131,10 +133,19 @@ def quantization_config(config: ASVDConfig, plan: RankPlan, kv_plan, windows, ca
         kv=kv_plan.to_dict() if kv_plan is not None else None,
         kv_ratio=config.kv_ratio,
         kv_allocation=config.kv_allocation if kv_plan is not None else None,
+        kv_quant=kv_quant_record(config, kv_plan.bits) if kv_plan is not None else None,
+        kv_budget=config.kv_budget,
         pipeline=pipeline,
         lowrank_form=config.lowrank_form,
         **extra,
     )
+
+
+def kv_quant_record(config: ASVDConfig, bits: int | None) -> dict | None:
+    """How the latent cache is stored (``None``: float); loading installs quantizers of these bits."""
+    if bits is None:
+        return None
+    return {"bits": bits, "granularity": config.kv_quant_granularity, "rotate": config.kv_quant_rotate}
 
 
 def write_side_files(folder, config: ASVDConfig, report: CompressionReport) -> None:

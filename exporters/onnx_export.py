@@ -47,6 +47,7 @@ class CacheEntry:
     input: str
     output: str
     fixed: dict[str, int]  # e.g. {"width": r} (latent) or {"heads": 3, "head_dim": 64} (dense)
+    dtype: str = "float"  # "float" (the export's float type), or a quantized latent's codes: "int8" / "uint8" (4-bit pairs)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ExportMetadata:
     weights: str = "fp32"  # fp32 / fp16 / int8 / int4 (MatMulNBits), see exporters.quantize
     block_size: int | None = None
     quantized: dict = field(default_factory=dict)  # what the quantizer turned into N-bit ops and what stayed float
+    kv_bits: int | None = None  # quantized latent cache: 8 (int8 codes) or 4 (two codes per uint8); None: float
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -95,23 +97,37 @@ def packed_width(key_width: int, value_width: int) -> int:
     return (key_width + value_width + 1) // 2
 
 
+def stored_widths(attention) -> tuple[int, int]:
+    """Numbers per token the cache holds for one latent layer's K and V (bytes, for a quantized cache)."""
+    if attention.key_quantizer is not None:
+        return attention.key_quantizer.stored_width, attention.value_quantizer.stored_width
+    return attention.k_proj.latent_width, attention.v_proj.latent_width
+
+
+def _stored_dtype(attention) -> str:
+    return "float" if attention.key_quantizer is None else str(attention.key_quantizer.code_dtype).replace("torch.", "")
+
+
 def _cache_entries(model: nn.Module, layout: str = "asvd") -> tuple[str, list[CacheEntry]]:
     latent = _latent_attentions(model)
     if latent:
         if len(latent) != model.config.num_hidden_layers:
             raise InvalidInputError("ONNX export needs every attention layer latent-KV compressed (or none)")
+        if len({_stored_dtype(a) for a in latent}) != 1:
+            raise InvalidInputError("ONNX export needs every latent layer's cache stored alike (all float or all at one bit width)")
         entries = []
         for attention in latent:
             i = attention.layer_idx
+            dtype = _stored_dtype(attention)
             if layout == "genai":
-                width = packed_width(attention.k_proj.latent_width, attention.v_proj.latent_width)
+                width = packed_width(*stored_widths(attention))
                 for role in ("key", "value"):
                     entries.append(CacheEntry(i, role, f"past_key_values.{i}.{role}", f"present.{i}.{role}",
-                                              {"heads": 1, "head_dim": width}))
+                                              {"heads": 1, "head_dim": width}, dtype))
                 continue
-            for role, projection in (("key", attention.k_proj), ("value", attention.v_proj)):
+            for role, width in zip(("key", "value"), stored_widths(attention)):
                 entries.append(CacheEntry(i, role, f"past_latents.{i}.{role}", f"present_latents.{i}.{role}",
-                                          {"width": projection.latent_width}))
+                                          {"width": width}, dtype))
         return "latent", entries
     from asvd_passes.kv import find_attention_layers
 
@@ -189,14 +205,17 @@ def _attention_policy(fold_value: str, absorb_key: str, value_up_as_linear: bool
     shapes) cannot be exported; each switch is fixed for the whole graph.
     """
     from asvd_passes.kv import LatentKVAttention
+    from asvd_passes.kv.quant import LatentQuantizer
 
     names = ("fold_policy", "absorb_policy", "value_up_as_linear")
     previous = [getattr(LatentKVAttention, name) for name in names]
     for name, value in zip(names, (fold_value, absorb_key, value_up_as_linear)):
         setattr(LatentKVAttention, name, value)
+    LatentQuantizer.onnx_ops = True  # a quantized cache as QuantizeLinear / DequantizeLinear
     try:
         yield
     finally:
+        LatentQuantizer.onnx_ops = False
         for name, value in zip(names, previous):
             setattr(LatentKVAttention, name, value)
 
@@ -243,7 +262,11 @@ def _example_inputs(model, entries, batch=2, seq=3, past=5):
             shape = (batch, past, entry.fixed["width"])
         else:
             shape = (batch, entry.fixed["heads"], past, entry.fixed["head_dim"])
-        tensors.append(torch.randn(*shape, generator=generator).to(device=device, dtype=dtype))
+        if entry.dtype == "float":
+            tensors.append(torch.randn(*shape, generator=generator).to(device=device, dtype=dtype))
+        else:  # quantized latent codes
+            codes = torch.randint(0, 256 if entry.dtype == "uint8" else 128, shape, generator=generator)
+            tensors.append(codes.to(device=device, dtype=getattr(torch, entry.dtype)))
     return ids, mask, positions, tensors
 
 
@@ -333,7 +356,7 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
     packing, widths = {}, None
     if kind == "latent" and layout == "genai":
         latent = _latent_attentions(model)
-        widths = [(a.k_proj.latent_width, a.v_proj.latent_width) for a in latent]
+        widths = [stored_widths(a) for a in latent]
         packing = {str(a.layer_idx): {"key": k, "value": v, "width": packed_width(k, v)}
                    for a, (k, v) in zip(latent, widths)}
     wrapper = CacheIO(model, kind, layers, widths).eval()
@@ -359,6 +382,7 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
         pad_token_id=model.config.pad_token_id, fold_value=fold_value, layout=layout, packing=packing,
         absorb_key=absorb_key if any(a.can_absorb_key() for a in _latent_attentions(model)) else "never",
         weights=weights, block_size=block_size if weights in ("int8", "int4") else None,
+        kv_bits=next((a.key_quantizer.bits for a in _latent_attentions(model) if a.key_quantizer is not None), None),
     )
     with atomic_directory(out_dir, overwrite, METADATA_FILE, inputs) as staging, _attention_policy(fold_value, absorb_key, weights in ("int8", "int4")), torch.no_grad():
         staging = Path(staging)
@@ -366,6 +390,7 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
         program = torch.onnx.export(
             wrapper, (ids, mask, positions, *past), dynamo=True, dynamic_shapes=dynamic,
             input_names=inputs, output_names=outputs, opset_version=opset, verbose=False,
+            custom_translation_table=_quantize_translations() if metadata.kv_bits is not None else None,
         )
         external = _needs_external_data(model)
         program.save(str(staging / MODEL_FILE), external_data=external)
@@ -386,6 +411,18 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return metadata
+
+
+def _quantize_translations() -> dict:
+    """A quantized latent cache: torch's ``quantized_decomposed`` per-channel ops as ONNX QuantizeLinear
+    (+ Clip to the code range) and DequantizeLinear, onnxscript's own translations (torch.onnx's default
+    registry does not load them)."""
+    from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers the ops)
+    from onnxscript.function_libs.torch_lib.ops import quantized_decomposed as translations
+
+    ops = torch.ops.quantized_decomposed
+    return {ops.quantize_per_channel.default: translations.quantized_decomposed_quantize_per_channel,
+            ops.dequantize_per_channel.default: translations.quantized_decomposed_dequantize_per_channel}
 
 
 def _progress(enabled: bool, message: str) -> None:

@@ -74,7 +74,8 @@ class ORTCausalLM:
     # -- one step ----------------------------------------------------------------------------------
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros(self._shape(entry, batch, 0), dtype=self.float_type) for entry in self.metadata.cache]
+        return [np.zeros(self._shape(entry, batch, 0), dtype=self.float_type if entry.dtype == "float" else entry.dtype)
+                for entry in self.metadata.cache]
 
     def _shape(self, entry, batch: int, length: int) -> tuple[int, ...]:
         if "width" in entry.fixed:

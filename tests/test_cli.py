@@ -300,6 +300,8 @@ def test_compress_help_all_shows_the_reproduction_and_advanced_groups(capsys, pl
         ([], {}, 0.9, True),  # nothing asked for: weights at the default ratio
         (["--kv-ratio", "0.5"], dict(kv_ratio=0.5), None, False),  # a KV ratio alone: K/V only, weights dense
         (["--kv-ratio", "0.5", "--param-ratio", "0.8"], dict(kv_ratio=0.5, param_ratio=0.8), 0.8, True),
+        (["--kv-ratio", "1.0", "--kv-bits", "4", "--kv-quant-granularity", "tensor", "--kv-quant-rotate"],
+         dict(kv_ratio=1.0, kv_bits=4, kv_quant_granularity="tensor", kv_quant_rotate=True), None, False),
         (["--allocation", "strs", "--ppl-target", "40"], dict(allocation="strs", ppl_target=40.0), None, True),
         (["--lowrank-form", "interpolative"], dict(lowrank_form="interpolative"), 0.9, True),
         # options that only --help-all shows still work

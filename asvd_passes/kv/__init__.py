@@ -1,5 +1,6 @@
 """Latent KV cache: K/V projections factored so the cache keeps only their low-rank latents."""
 
+from . import quant
 from .cache import cache_nbytes
 from .layout import AttentionLayout
 from .modules import LatentKVAttention, LatentProjection

@@ -131,6 +131,9 @@ class LatentKVAttention(nn.Module):
         self.q_proj = query if query is not None else dense.q_proj
         self.k_proj = key
         self.v_proj = value
+        # Set by kv/quant.py for a quantized cache: the cache then holds their codes, not float latents.
+        self.key_quantizer = None
+        self.value_quantizer = None
         setattr(self, layout.output, getattr(dense, layout.output))
         self.output_name = layout.output
         if family.qk_norm is not None:
@@ -163,10 +166,17 @@ class LatentKVAttention(nn.Module):
         query = self.q_proj(hidden_states) if not isinstance(self.q_proj, nn.Identity) else hidden_states
         key_latent = self.k_proj(hidden_states)
         value_latent = self.v_proj(hidden_states)
+        quantized = self.key_quantizer is not None
+        if quantized:  # what the cache holds (and, without a cache, what it would give back)
+            dtype = key_latent.dtype
+            key_latent, value_latent = self.key_quantizer.quantize(key_latent), self.value_quantizer.quantize(value_latent)
         if cache is not None:
             # Stored as (batch, 1, seq, r): the cache layers' sequence axis is -2, one "head" of width r.
             key_latent, value_latent = cache.update(key_latent[:, None], value_latent[:, None], self.layer_idx)
             key_latent, value_latent = key_latent[:, 0], value_latent[:, 0]
+        if quantized:
+            key_latent = self.key_quantizer.dequantize(key_latent, dtype)
+            value_latent = self.value_quantizer.dequantize(value_latent, dtype)
         total = key_latent.shape[1]
         past = total - steps  # what the cache returned besides the new tokens (a sliding window may crop it)
 

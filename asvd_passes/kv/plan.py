@@ -25,6 +25,7 @@ class KVPlan:
     group_size: int
     widths: dict[str, int]  # attention name -> dense K (= V) width
     ranks: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # name -> role -> per-group ranks
+    bits: int | None = None  # stored bits of the cached latents (kv/quant.py); None: the model's float dtype
 
     def latent_width(self, name: str, role: str) -> int:
         return sum(self.ranks[name][role])
@@ -159,3 +160,79 @@ def fisher_kv_costs(layouts: list[AttentionLayout], svds: dict, fisher: dict, st
         gram = stats.gram / stats.count if stats is not None and stats.gram is not None else None
         costs[(name, role, g)] = loss_cost_curve(svd, rows, gram).tolist()
     return costs
+
+
+# Quantization noise priced like truncation. In the closed-form cost, latent channel k of a whitened
+# SVD (E[l_k²] = σ_k) contributes terms_k = σ_k²·(output weight) when dropped; noise of variance ν_k on
+# it costs terms_k·ν_k/σ_k. A b-bit code over a range of RANGE_OVER_STD standard deviations has
+# ν = (range / (2^b − 1))² / 12, so keeping a channel at b bits costs NOISE[b] of dropping it.
+# RANGE_OVER_STD = 2·√(2·ln n) is the expected range of n = 8192 Gaussian calibration values (16×512):
+# a prior, not a measurement; heavier tails make real ranges wider (clipping narrows them at 4 bits).
+RANGE_OVER_STD = 2 * math.sqrt(2 * math.log(16 * 512))
+NOISE = {bits: RANGE_OVER_STD ** 2 / (12 * (2 ** bits - 1) ** 2) for bits in (8, 4)}
+BUDGET_BITS = (None, 8, 4)  # float (the model's dtype), 8 and 4 bits
+
+
+def latent_budget(budget_bytes: float, bits: int | None, dtype_bytes: int, latents: int) -> int:
+    """Latent numbers per token that fit ``budget_bytes`` when stored at ``bits`` (4 bits: one padding
+    nibble per latent of odd width, counted for all ``latents``)."""
+    if bits is None:
+        return math.floor(budget_bytes / dtype_bytes)
+    if bits == 8:
+        return math.floor(budget_bytes)
+    return math.floor(2 * budget_bytes) - latents
+
+
+def smallest_budget(layouts: list[AttentionLayout], group_size: int, multiple: int) -> int:
+    """Bytes per token of the smallest plan: every group at its smallest rank, 4 bits."""
+    return sum(math.ceil(layout.groups(group_size) * multiple / 2) for layout in layouts for _ in ROLES)
+
+
+def check_budget(config, layouts: list[AttentionLayout], dtype_bytes: int) -> None:
+    """A ``kv_budget`` no plan can meet is an error before any work."""
+    if config.kv_budget is None:
+        return
+    group_size = resolve_group_size(layouts, config.kv_group_size)
+    smallest = smallest_budget(layouts, group_size, config.rank_multiple)
+    if config.kv_budget < smallest:
+        raise InvalidInputError(
+            f"kv_budget {config.kv_budget:g} bytes per token is below the smallest latent cache this model can have "
+            f"({smallest} bytes: rank {config.rank_multiple} per head group, 4 bits); the dense cache holds "
+            f"{2 * sum(l.kv_width for l in layouts) * dtype_bytes}")
+
+
+def predicted_cost(plan: KVPlan, costs: dict, bits: int | None) -> float:
+    """Closed-form loss of a plan: truncated channels' costs + the noise of the kept ones at ``bits``."""
+    total = 0.0
+    for name, roles in plan.ranks.items():
+        for role, ranks in roles.items():
+            for g, rank in enumerate(ranks):
+                curve = costs[(name, role, g)]
+                truncated = float(curve[min(rank, len(curve) - 1)])
+                total += truncated + (NOISE[bits] * (float(curve[0]) - truncated) if bits is not None else 0.0)
+    return total
+
+
+def budget_kv_plan(layouts: list[AttentionLayout], costs: dict, budget_bytes: float, dtype_bytes: int,
+                   group_size: int, multiple: int = 1) -> KVPlan:
+    """Ranks and one storage for all latents under ``budget_bytes`` cache bytes per token, least predicted loss.
+
+    For each storage (float, 8, 4 bits) the budget buys a latent width; the fisher greedy spends it on
+    ranks; the plan's predicted loss adds the quantization noise of what it keeps (:data:`NOISE`).
+    """
+    dense_width = 2 * sum(layout.kv_width for layout in layouts)
+    latents = 2 * len(layouts)
+    best = None
+    for bits in BUDGET_BITS:
+        width = latent_budget(budget_bytes, bits, dtype_bytes, latents)
+        floor = sum(layout.groups(group_size) * multiple for layout in layouts) * len(ROLES)
+        if width < floor:
+            continue
+        plan = greedy_kv_plan(layouts, costs, min(1.0, width / dense_width), group_size, multiple)
+        plan.bits = bits
+        cost = predicted_cost(plan, costs, bits)
+        if best is None or cost < best[0]:
+            best = (cost, plan)
+    if best is None:  # check_budget refuses this before any work; kept for direct callers
+        raise InvalidInputError(f"kv_budget {budget_bytes:g} bytes per token is below the smallest latent cache")
+    return best[1]

@@ -18,6 +18,7 @@ from .layout import AttentionLayout
 from .metrics import head_metrics, root_and_inverse
 from .modules import KeyPositionEmbeddings, LatentKVAttention, LatentProjection
 from .plan import ROLES, KVPlan
+from .quant import quantizer_shapes
 from ..errors import InvalidInputError
 
 GroupKey = tuple[str, str, int]  # (attention name, role, group)
@@ -129,8 +130,9 @@ def replace_with_empty_latent(model: nn.Module, layouts: list[AttentionLayout], 
     _install(model, built())
 
 
-def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan) -> dict[str, tuple[int, ...]]:
-    """State-dict keys and shapes that a saved latent-KV model must hold for its plan."""
+def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: KVPlan,
+                       quantized: bool = False) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes that a saved latent-KV model must hold for its plan (and its cache's scales)."""
     by_name = {layout.name: layout for layout in layouts}
     shapes = {}
     for name, roles in plan.ranks.items():
@@ -149,6 +151,8 @@ def expected_kv_shapes(model: nn.Module, layouts: list[AttentionLayout], plan: K
                     shapes[f"{name}.{short}.ups.{g}.bias"] = (width,)
         if layout.fused:
             shapes[f"{name}.q_proj.weight"] = (layout.q_width, layout.hidden)
+        if quantized:
+            shapes.update(quantizer_shapes(name, sum(roles["key"]), sum(roles["value"])))
     return shapes
 
 

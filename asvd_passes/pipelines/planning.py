@@ -29,13 +29,20 @@ def weight_plan(config: ASVDConfig, shapes: dict[str, ProjectionShape], allocate
     return explicit_plan(shapes, config.ranks, plan) if config.ranks else plan
 
 
-def kv_plan(config: ASVDConfig, layouts, group_size: int, costs: Callable[[], dict]) -> "kv.KVPlan | None":
+def kv_plan(config: ASVDConfig, layouts, group_size: int, costs: Callable[[], dict],
+            dtype_bytes: int = 4) -> "kv.KVPlan | None":
     """The latent widths ``config`` asks for (``None`` without latent K/V); ``costs()`` is called for fisher only."""
     if not layouts:
         return None
+    if config.kv_budget is not None:
+        return kv.plan.budget_kv_plan(layouts, costs(), config.kv_budget, dtype_bytes, group_size,
+                                      config.rank_multiple)
     if config.kv_allocation == "uniform":
-        return kv.uniform_kv_plan(layouts, config.kv_ratio, group_size, config.rank_multiple)
-    return kv.greedy_kv_plan(layouts, costs(), config.kv_ratio, group_size, config.rank_multiple)
+        plan = kv.uniform_kv_plan(layouts, config.kv_ratio, group_size, config.rank_multiple)
+    else:
+        plan = kv.greedy_kv_plan(layouts, costs(), config.kv_ratio, group_size, config.rank_multiple)
+    plan.bits = config.kv_bits
+    return plan
 
 
 def mean_grams(statistics: dict, names) -> dict[str, torch.Tensor]:

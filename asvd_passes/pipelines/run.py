@@ -40,8 +40,10 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     if any(type(m).__name__ in ("LowRankLinear", "LatentKVAttention") for m in model.modules()):
         raise InvalidInputError("This model is already ASVD-compressed; compress the original model instead")
     # Attention the family table does not cover is refused before any work.
-    layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)") if config.kv_ratio is not None else None
+    layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)") if config.latent_kv else None
     storage_dtype = next(model.parameters()).dtype
+    if layouts:  # a byte budget no plan can meet: refused before any work
+        kv.plan.check_budget(config, layouts, storage_dtype.itemsize)
     # CPU kernels are slow (or missing) in half precision: compute in float32, store in the model's dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else None
     weights = (ShardedWeights(compressor.source, model, device, compute_dtype) if offloaded

@@ -272,7 +272,7 @@ class SequentialPipeline:
             config.rank_multiple))
 
     def _kv_plan(self, costs):
-        return planning.kv_plan(self.config, self.kv_layouts, self.group_size, lambda: costs)
+        return planning.kv_plan(self.config, self.kv_layouts, self.group_size, lambda: costs, self._storage_dtype.itemsize)
 
     def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall):
         """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats."""
@@ -466,6 +466,12 @@ class SequentialPipeline:
         keep = {id(statistics.get(layout.source(role))) for layout in layouts or () for role in kv.plan.ROLES}
         return lambda stats: id(stats) not in keep
 
+    def _calibrate_kv_quantizers(self, layouts, bits: int, run) -> None:
+        attentions = [self.model.get_submodule(layout.name) for layout in layouts]
+        with torch.no_grad():
+            kv.quant.calibrate_latent_quantizers(attentions, run, bits, self.config.kv_quant_granularity,
+                                                 self.config.kv_quant_rotate, self.config.seed)
+
     def _kv_svds(self, layouts, scalings, statistics):
         sources = {l.source(r) for l in layouts for r in kv.plan.ROLES}
         grams = planning.mean_grams(statistics, sources) if self.config.kv_output_metric else None
@@ -512,6 +518,8 @@ class SequentialPipeline:
                     replace_module(block, name, module)
                 kv.apply_kv_plan(self.model, layouts, kv_plan, svds)
                 step = lambda x: run_block(block, x, call)  # noqa: E731  (the latent attention runs eagerly)
+                if kv_plan.bits is not None:  # the cache's scales, on the inputs this block will see
+                    self._calibrate_kv_quantizers(layouts, kv_plan.bits, lambda: [step(self._feed(x)) for x in current])
             else:
                 projections = {p.name[len(prefix) + 1:]: p for p in selected}
                 for p in projections.values():

@@ -121,7 +121,7 @@ class WholeModelPipeline:
         found = find_projections(graph_module, model)
         projections = select_projections(model, found, config, filter_fn) if config.compresses_weights else []
         layouts, kv_sources = None, []
-        if config.kv_ratio is not None:
+        if config.latent_kv:
             layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)")
             kv_sources = list(dict.fromkeys(layout.source(role) for layout in layouts for role in kv.plan.ROLES))
             by_name = {p.name: p for p in found}
@@ -203,6 +203,20 @@ class WholeModelPipeline:
         if kv_plan is not None:
             kv.apply_kv_plan(model, analysis.kv_layouts, kv_plan, analysis.kv_svds)
 
+    def calibrate_kv_quantizers(self, windows: torch.Tensor, config: ASVDConfig, bits: int) -> None:
+        """Static scales of a quantized latent cache from the calibration windows run through the whole model."""
+        model = self.model
+        attentions = [m for m in model.modules() if isinstance(m, kv.LatentKVAttention)]
+        device = next(model.parameters()).device
+
+        def run():
+            for window in windows:
+                model(input_ids=window[None].to(device), use_cache=False)
+
+        with torch.no_grad():
+            kv.quant.calibrate_latent_quantizers(attentions, run, bits, config.kv_quant_granularity,
+                                                 config.kv_quant_rotate, config.seed)
+
     # -- allocation --------------------------------------------------------------------------------
 
     def _plan(self, analysis: Analysis, config: ASVDConfig) -> RankPlan:
@@ -233,7 +247,8 @@ class WholeModelPipeline:
         return planning.kv_plan(config, analysis.kv_layouts, analysis.kv_group_size,
                        lambda: kv.plan.fisher_kv_costs(analysis.kv_layouts, analysis.kv_svds,
                                                        self._fisher(analysis, config), analysis.statistics,
-                                                       analysis.kv_group_size))
+                                                       analysis.kv_group_size),
+                       next(self.model.parameters()).element_size())
 
     def _strs_sensitivities(self, analysis: Analysis, config: ASVDConfig) -> dict:
         sample = analysis.windows[: config.sensitivity_samples]
