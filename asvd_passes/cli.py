@@ -44,11 +44,13 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
                         help="store the latent cache as 8- or 4-bit codes with static scales calibrated on the "
                              "calibration windows (default: float; needs --kv-ratio, 1.0 keeps the full width)")
+    target.add_argument("--weights", choices=["int4", "int8"], default=None,
+                        help="then GPTQ every Linear and the LM head onto ONNX Runtime's MatMulNBits grid (asvd quantize; "
+                             "export with asvd export onnx OUT --weights int4|int8)")
     calibration = parser.add_argument_group("calibration")
     calibration.add_argument("--calib", default="selfgen", help="FILE | hf:NAME[:CONFIG[:SPLIT]] | selfgen (default)")
     calibration.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
     calibration.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    calibration.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where blocks are computed")
     run.add_argument("--max-memory", type=float, default=None, metavar="GiB",
@@ -91,6 +93,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
              help="with --kv-bits: a scale per latent channel (default) or one per layer and K/V")
     advanced("--kv-quant-rotate", action="store_true",
              help="with --kv-bits: turn each latent by a random orthogonal matrix folded into its factors first")
+    advanced("--seed", type=int, default=0, help="seed of the calibration sample (selfgen text, window choice)")
     advanced("--rank-multiple", type=int, default=1, help="round ranks down to a multiple (e.g. 8)")
     advanced("--sensitivity-samples", type=int, default=4, help="calibration windows for sensitivities")
     advanced("--ranks", default=None, help="JSON file with an explicit {module_name: rank} map")
@@ -101,6 +104,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                   "the budget, but int4 exports are refused; see docs/BENCHMARKS.md)")
     advanced("--pipeline", choices=["auto", "whole", "sequential"], default="auto",
              help="whole model at once, one decoder block at a time, or auto (printed and recorded in the report)")
+    advanced("--block-size", type=int, default=32, help="with --weights: weights per quantization block (default 32)")
     advanced("--offload-folder", default=None, help="where per-block activations wait between passes")
     advanced("--no-sequential-calibration", dest="sequential_calibration", action="store_false",
              help="observe every block on the dense model's hidden states (sequential pipeline)")
@@ -170,15 +174,36 @@ def run_compress(args: argparse.Namespace) -> int:
     config = compress_config(args)
     # Before a hub download or a GGUF conversion; compress() checks again with what it loaded.
     check_output_folder(args.out, args.overwrite, REPORT_FILE, local_inputs(args.model))
+    weights = getattr(args, "weights", None)
+    if weights:
+        from .quantization import check_grid
+
+        check_grid(int(weights[3:]), args.block_size)
     compressor = ASVDCompressor.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    if weights:  # compressed beside the output, then quantized into it (calibrated again, block by block)
+        import tempfile
+        from pathlib import Path
+
+        Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".asvd-compressed-", dir=Path(args.out).resolve().parent) as staging:
+            report = compressor.compress(config, save_dir=Path(staging) / "model", overwrite=True)
+            del compressor
+            quantize_folder(Path(staging) / "model", args.out, weights, args.block_size, "gptq", 0.01,
+                            args.calib, args.calib_samples, args.seqlen, args.seed, args.overwrite)
+        _print_compress_report(report, args.out)
+        return 0
     report = compressor.compress(config, save_dir=args.out, overwrite=args.overwrite)
+    _print_compress_report(report, args.out)
+    return 0
+
+
+def _print_compress_report(report, out) -> None:
     if report.ranks:
         print(rank_summary(report.ranks))
     if report.kv is not None:
         print(kv_summary(report.kv))
     print(report.summary())
-    print(f"saved to {args.out}")
-    return 0
+    print(f"saved to {out}")
 
 
 def rank_summary(ranks: dict, model=None) -> str:
@@ -219,6 +244,62 @@ def run_inspect(args: argparse.Namespace) -> int:
         kv_ratio = f"{info['kv_ratio']:.4f}" if info["kv_ratio"] is not None else "unknown (attention family not in the table)"
         print(f"param ratio {info['param_ratio']}, KV ratio {kv_ratio}: "
               f"{info['kv_bytes_per_token']} cache bytes per token (dense {info['dense_kv_bytes_per_token']})")
+    return 0
+
+
+def quantize_folder(model, out, weights: str, block_size: int, algorithm: str, damping: float, calib, calib_samples: int,
+                    seqlen: int, seed: int, overwrite: bool, clip: bool = True, offsets: bool = False,
+                    budget_mib: float | None = None, progress: bool = True) -> None:
+    """``asvd quantize``: load ``model``, quantize it block by block, write ``out`` with the sidecar."""
+    import time
+
+    from .data import calibration_windows
+    from .models import load_model_and_tokenizer, local_inputs
+    from .quantization import check_grid
+    from .quantization.calibrate import output_marker, quantize_model, save_quantized
+    from .serialization import check_output_folder
+
+    bits = int(weights[3:])
+    check_grid(bits, block_size)
+    inputs = local_inputs(model)
+    marker = output_marker(model)
+    check_output_folder(out, overwrite, marker, inputs)  # before loading and calibrating
+    loaded, tokenizer = load_model_and_tokenizer(model)
+    plan, planned = None, None
+    if budget_mib is not None:  # every grid chosen under one byte budget; an impossible budget fails here
+        from torch import nn
+
+        from .quantization.plan import budget_plan, check_budget, fixed_bytes, MIB
+        from .allocation.block_cache import decoder_layers
+
+        head = loaded.get_output_embeddings()
+        head_name = next((n for n, m in loaded.named_modules() if m is head), None) if type(head) is nn.Linear else None
+        shapes = {n: tuple(m.weight.shape) for layer in decoder_layers(loaded) for n, m in layer.named_modules()
+                  if type(m) is nn.Linear}
+        check_budget(int(budget_mib * MIB), shapes, fixed_bytes(loaded, head_name))
+    windows = calibration_windows(calib, loaded, tokenizer, calib_samples, seqlen, seed)
+    tick = time.perf_counter()
+    if budget_mib is not None:
+        plan, planned = budget_plan(loaded, windows[:4], budget_mib, head_name, progress=progress)
+        print(f"budget {budget_mib} MiB: " + ", ".join(f"{count} × {grid}" for grid, count in planned["choices"].items())
+              + f"; predicted weights {planned['predicted_weight_bytes'] / MIB:.2f} MiB")
+    grids = quantize_model(loaded, windows, bits, block_size, algorithm=algorithm, damping=damping, clip=clip,
+                           offsets=offsets, choices=plan, progress=progress)
+    seconds = time.perf_counter() - tick
+    settings = {"weights": weights, "block_size": block_size, "algorithm": algorithm, "damping": damping, "clip": clip,
+                "block_offsets": offsets, "budget": planned,
+                "calibration": calib or "selfgen", "calib_samples": calib_samples, "seqlen": seqlen, "seed": seed,
+                "matrices": len(grids), "seconds": round(seconds, 1)}
+    save_quantized(loaded, tokenizer, grids, out, source=model, settings=settings, overwrite=overwrite, inputs=inputs,
+                   marker=marker)
+    print(f"{algorithm}: {len(grids)} matrices to {weights} (block {block_size}) in {seconds:.1f} s; saved to {out} "
+          f"(export it with: asvd export onnx {out} --weights {weights} --block-size {block_size})")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    quantize_folder(args.model, args.out, args.weights, args.block_size, args.algorithm, args.damping, args.calib,
+                    args.calib_samples, args.seqlen, args.seed, args.overwrite, args.clip, args.block_offsets,
+                    args.budget_mib)
     return 0
 
 
@@ -376,6 +457,30 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=run_inspect)
+
+    quantize = commands.add_parser(
+        "quantize", help="GPTQ every projection and the LM head onto ONNX Runtime's MatMulNBits grid (int4/int8)")
+    quantize.add_argument("model", help="model folder (dense, or one that compress wrote), hub id, .gguf, or 'default'")
+    quantize.add_argument("--out", required=True, help="output folder: new or empty (written atomically)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder that asvd wrote")
+    quantize.add_argument("--weights", choices=["int4", "int8"], default="int4")
+    quantize.add_argument("--block-size", type=int, default=32, help="weights per quantization block (default 32)")
+    quantize.add_argument("--algorithm", choices=["gptq", "rtn"], default="gptq",
+                          help="gptq (error compensation against each input's XᵀX) or rtn (ORT's own rounding)")
+    quantize.add_argument("--damping", type=float, default=0.01, help="GPTQ: fraction of mean diag(XᵀX) added")
+    quantize.add_argument("--no-clip", dest="clip", action="store_false",
+                          help="GPTQ: take each block's range from its min/max (as ORT) instead of searching it")
+    quantize.add_argument("--budget-mib", type=float, default=None, metavar="MIB",
+                          help="ONNX file size: each decoder-block matrix gets the bits (4/8), block size and offsets "
+                               "that cost the least predicted loss within it (the LM head stays int4, block 32)")
+    quantize.add_argument("--block-offsets", action="store_true",
+                          help="decoder-block matrices on each block's own [min, max] grid (a fractional zero point, "
+                               "as GGUF Q4_1 and HQQ): +1 bit per weight at block 32, exported as a small extra MatMul")
+    quantize.add_argument("--calib", default=None, help="calibration text file or hf:NAME (default: selfgen)")
+    quantize.add_argument("--calib-samples", type=int, default=16)
+    quantize.add_argument("--seqlen", type=int, default=512)
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.set_defaults(run=run_quantize)
 
     export = commands.add_parser("export", help="export a compressed (or dense) model")
     formats = export.add_subparsers(dest="format", required=True)

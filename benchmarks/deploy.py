@@ -6,6 +6,10 @@ Rows (groups for ``--only``):
   accuracy level 4; also int4 at block 64);
 - ``asvd``: ASVD param 0.9 / 0.8 (weights only), the same weight formats;
 - ``kv``: ASVD 0.9 / 0.8 + latent KV 0.5 (fp32 / int8 / int4);
+- ``quantized``: ``asvd quantize`` of the dense model (GPTQ, calibrated on 16×512 validation windows):
+  int4 block 32; with block offsets (each block on its own [min, max] grid; the LM head and embedding
+  keep integer zero points); and ``--budget-mib 82.5`` (the builder's int4 file size), each matrix's
+  bits, block size and offsets chosen by predicted loss; exported with the recorded codes;
 - ``builder``: ``python -m onnxruntime_genai.models.builder -i DENSE -o OUT -p P -e cpu`` from the same dense
   folder: fp32, int8, int4 (its defaults: block 32, symmetric, accuracy level 4), int4 with its best quality
   setting (``algo_config=k_quant matmul_mixed_precision=last_matmul:int8,mixed_layers:int8``), and fp32
@@ -61,7 +65,12 @@ BUILDER_MODELS = {  # (model, weights) label → (precision, --extra_options, KV
     ("builder + int8 KV (per tensor)", "fp32"): ("fp32", (), "int8_per_tensor"),
     ("builder + int4 KV (per channel)", "fp32"): ("fp32", (), "int4_per_channel"),
 }
-GROUPS = ("dense", "asvd", "kv", "builder", "layouts")
+QUANTIZED_MODELS = {  # (model, weights) label → asvd quantize options: (block offsets, --budget-mib)
+    ("dense GPTQ", "int4/32"): (False, None),
+    ("dense GPTQ + block offsets", "int4/32"): (True, None),
+    ("dense GPTQ, budget 82.5 MiB", "mixed"): (False, 82.5),
+}
+GROUPS = ("dense", "asvd", "kv", "quantized", "builder", "layouts")
 
 
 def group_of(label: str) -> str:
@@ -111,6 +120,25 @@ def build_exports(workdir: Path, args) -> dict[tuple[str, str], Path]:
                             overwrite=True)
                 log(f"exported {label} {weights} in {time.perf_counter() - tick:.0f} s")
             exports[(label, weights if "/" in weights or weights == "fp32" else f"{weights}/{args.block_size}")] = folder
+    return exports
+
+
+def build_quantized(workdir: Path, args) -> dict[tuple[str, str], Path]:
+    """``asvd quantize`` then ``asvd export onnx --weights int4`` (genai layout), as a user runs them."""
+    from asvd_passes.cli import quantize_folder
+    from exporters import export_onnx
+
+    exports = {}
+    for key, (offsets, budget) in QUANTIZED_MODELS.items():
+        name = slug(key[0]).replace(",", "")
+        folder, onnx_dir = workdir / "quantized" / name, workdir / "onnx" / f"{name}-{key[1].replace('/', '-b')}"
+        if not (onnx_dir / "model.onnx").is_file():
+            tick = time.perf_counter()
+            quantize_folder(args.model, folder, "int4", 32, "gptq", 0.01, str(DATA / "wiki.valid.tokens"),
+                            16, 512, 0, overwrite=True, offsets=offsets, budget_mib=budget, progress=False)
+            export_onnx(str(folder), onnx_dir, layout="genai", weights="int4", block_size=32, overwrite=True)
+            log(f"quantized and exported {key[0]} in {time.perf_counter() - tick:.0f} s")
+        exports[key] = onnx_dir
     return exports
 
 
@@ -387,6 +415,8 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     log(f"workdir {workdir}")
     exports = build_exports(workdir, args)
+    if "quantized" in args.only:
+        exports.update(build_quantized(workdir, args))
     if "builder" in args.only:
         exports.update(build_builder_models(workdir, args))
     rows = measure(exports, args) if exports else []

@@ -283,6 +283,7 @@ def export_onnx(
     block_size: int = 32,
     progress: bool = False,
     overwrite: bool = False,
+    grids: dict | None = None,
 ) -> ExportMetadata:
     """Export to ``out_dir/model.onnx`` (+ ``asvd_onnx.json`` and the tokenizer), written atomically.
 
@@ -301,6 +302,9 @@ def export_onnx(
     ``weights``: ``fp32``/``fp16`` (the export's float type; default: ``dtype``), or ``int8``/``int4``:
     an fp32 export whose MatMul weights, embedding and LM head ONNX Runtime's MatMulNBits quantizer
     turns into ``block_size``-wide blocks (:mod:`exporters.quantize`).
+    ``grids``: int8/int4 only, {module name: ``BlockQuantized``} of weights already on a MatMulNBits
+    grid (``asvd quantize``); written from their own codes and scales, not rounded again. A folder
+    that ``asvd quantize`` wrote brings its own (its ``asvd_nbits.safetensors``).
     A model object passed in is moved to ``device``/``dtype``, put in eval mode with eager attention
     for the export, and given back as it was (same tensors, modes and attention), also when the
     export fails.
@@ -334,16 +338,22 @@ def export_onnx(
         model = model_or_path
     else:
         model, tokenizer = load_model_and_tokenizer(model_or_path)
+    if grids is None and weights in ("int8", "int4") and not isinstance(model_or_path, nn.Module):
+        from asvd_passes.models import resolve_model_path
+        from asvd_passes.quantization.calibrate import grids_of, load_sidecar
+
+        sidecar = load_sidecar(resolve_model_path(model_or_path))
+        grids = grids_of(model, sidecar) if sidecar else None
     check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
     check_quantizable(model, weights)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
         return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, absorb_key, layout, weights,
-                       block_size, progress, overwrite, inputs)
+                       block_size, progress, overwrite, inputs, grids)
 
 
 def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_key, layout, weights, block_size,
-            progress, overwrite, inputs) -> ExportMetadata:
+            progress, overwrite, inputs, grids=None) -> ExportMetadata:
     """The export proper, on a model that :func:`_prepared` has set up."""
     import onnx
 
@@ -398,8 +408,12 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
         if weights in ("int8", "int4"):
             _progress(progress, f"quantizing weights to {weights} (MatMulNBits, block {block_size})")
             metadata.quantized = quantize_onnx(staging / MODEL_FILE, bits=int(weights[3:]), block_size=block_size,
-                                               external_data=external)
+                                               external_data=external, grids=grids)
         proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
+        for node in proto.graph.node:
+            # The dynamo exporter annotates every node with its Python stack trace, FX node and module path:
+            # 3 MB of a SmolLM2 export (more than its float norms and biases), and this machine's file paths.
+            del node.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = "asvd_onnx", metadata.to_json()
         onnx.save(proto, str(staging / MODEL_FILE))

@@ -26,6 +26,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from asvd_passes.errors import InvalidInputError, MissingDependencyError
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -72,8 +74,14 @@ def check_quantizable(model, weights: str) -> None:
 
 
 def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: bool = False,
-                  accuracy_level: int = CPU_ACCURACY_LEVEL) -> dict:
-    """Quantize ``path`` in place; return what became N-bit and what stayed float (op counts, bytes)."""
+                  accuracy_level: int = CPU_ACCURACY_LEVEL, grids: dict | None = None) -> dict:
+    """Quantize ``path`` in place; return what became N-bit and what stayed float (op counts, bytes).
+
+    ``grids`` ({module name: :class:`~asvd_passes.quantization.BlockQuantized`}, from a folder that
+    ``asvd quantize`` wrote): the MatMuls whose weights they hold are written as MatMulNBits from those
+    codes, scales and zero points as they are (each at its own bits and block size); ORT's quantizer
+    rounds the rest (the embedding, anything unrecorded) as without them.
+    """
     import onnx
 
     root = logging.getLogger()
@@ -94,11 +102,15 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
     path = Path(path)
     model = onnx.load(str(path))
     untied = untie_transposed_weights(model)
+    recorded, table_shared = write_recorded_grids(model, grids, accuracy_level) if grids else (0, False)
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # GatherBlockQuantized is 4-bit only
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
                                           accuracy_level=accuracy_level, op_types_to_quantize=op_types)
+    offset_nodes = [node.name for node in model.graph.node if node.op_type == "MatMul"
+                    and node.input[1].endswith((OFFSETS_SUFFIX, INDICATOR_SUFFIX))]  # exact float, by design
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=False,
-                                     accuracy_level=accuracy_level, op_types_to_quantize=op_types, algo_config=config)
+                                     accuracy_level=accuracy_level, nodes_to_exclude=offset_nodes,
+                                     op_types_to_quantize=op_types, algo_config=config)
     # The quantizer logs one INFO line per node it skips, onnx-ir one per deduplicated initializer.
     loggers = [logging.getLogger(name) for name in (MatMulNBitsQuantizer.__module__, "onnx_ir")]
     levels = [logger.level for logger in loggers]
@@ -110,12 +122,139 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     quantized = quantizer.model.model
-    shared = share_tied_embedding(quantized, untied) if bits == 4 else False
+    shared = table_shared or (share_tied_embedding(quantized, untied) if bits == 4 else False)
     for stale in path.parent.glob(path.name + ".data"):
         stale.unlink()
     onnx.save(quantized, str(path), save_as_external_data=external_data,
               location=path.name + ".data" if external_data else None)
-    return {**weight_summary(quantized), "tied_embedding_shared": shared, "accuracy_level": accuracy_level}
+    return {**weight_summary(quantized), "tied_embedding_shared": shared, "from_recorded_grids": recorded,
+            "accuracy_level": accuracy_level}
+
+
+def write_recorded_grids(model, grids: dict, accuracy_level: int = CPU_ACCURACY_LEVEL) -> tuple[int, bool]:
+    """Replace each MatMul whose weight is a recorded grid's dequantized matrix by MatMulNBits with its codes.
+
+    Weights are found by value (the export names initializers its own way): a recorded weight W lies
+    exactly on its grid, and the MatMul reads Wᵀ bit for bit. Tensors are named as ORT's quantizer
+    names them (``<weight>_Q4`` …). An embedding tied to a recorded head reads the head's 4-bit
+    tensors. Returns (matrices written, whether an embedding shares them).
+    """
+    import hashlib
+
+    from onnx import helper, numpy_helper
+
+    from asvd_passes.quantization import packed
+
+    key = lambda array: (array.shape, hashlib.blake2b(array.tobytes(), digest_size=16).digest())  # noqa: E731
+    by_value = {key(np.ascontiguousarray(q.dequantize().T.numpy())): q for q in grids.values()}
+    initializers = {init.name: init for init in model.graph.initializer}
+    replaced, stems = set(), {}
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        init = initializers[node.input[1]]
+        if init.data_type != 1 or len(init.dims) != 2:
+            continue
+        q = by_value.get(key(numpy_helper.to_array(init)))
+        if q is None:
+            continue
+        weight = stems.setdefault(id(q), node.input[1])
+        names = [f"{weight}_Q{q.bits}", f"{weight}_scales", f"{weight}_zero_points"]
+        for name, array in zip(names, packed(q)):
+            if name not in initializers:
+                initializers[name] = numpy_helper.from_array(array, name)
+                model.graph.initializer.append(initializers[name])
+        n, k = q.shape
+        outputs = list(node.output) if q.offsets is None else [f"{node.output[0]}_nbits"]
+        written = [helper.make_node("MatMulNBits", [node.input[0], *names], outputs,
+                                    name=f"{node.name}_Q{q.bits}", domain="com.microsoft",
+                                    K=k, N=n, bits=q.bits, block_size=q.block_size,
+                                    accuracy_level=accuracy_level)]
+        if q.offsets is not None:
+            written += _block_offset_nodes(node, q, outputs[0], weight, initializers, model)
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for position, new in enumerate(written):
+            model.graph.node.insert(index + position, new)
+        replaced.add(node.input[1])
+    tables = _gather_from_recorded_grids(model, grids, initializers, key, stems)
+    replaced |= tables
+    readers = {i for node in model.graph.node for i in node.input}
+    for name in replaced - readers:
+        model.graph.initializer.remove(initializers.pop(name))
+    if replaced and not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(stems), bool(tables)
+
+
+OFFSETS_SUFFIX, INDICATOR_SUFFIX = "_block_offsets", "_block_indicator"
+
+
+def _block_offset_nodes(node, q, nbits_output: str, weight: str, initializers: dict, model) -> list:
+    """y = MatMulNBits(x) + (x · P) · Cᵀ: P (K × blocks) sums x over each block, C (N × blocks) holds the block
+    offsets. P is one initializer per (K, block size), and x · P one node per input, shared by every matrix
+    that reads the same x (q/k/v, gate/up)."""
+    from onnx import helper, numpy_helper
+
+    n, k = q.shape
+    blocks = q.offsets.shape[1]
+    indicator = f"asvd_K{k}_B{q.block_size}{INDICATOR_SUFFIX}"
+    nodes = []
+    if indicator not in initializers:
+        table = np.zeros((k, blocks), np.float32)
+        table[np.arange(k), np.arange(k) // q.block_size] = 1.0
+        initializers[indicator] = numpy_helper.from_array(table, indicator)
+        model.graph.initializer.append(initializers[indicator])
+    sums = f"{node.input[0]}{indicator}_sums"
+    if not any(sums in n_.output for n_ in model.graph.node):
+        nodes.append(helper.make_node("MatMul", [node.input[0], indicator], [sums], name=sums))
+    offsets = f"{weight}{OFFSETS_SUFFIX}"
+    if offsets not in initializers:
+        initializers[offsets] = numpy_helper.from_array(np.ascontiguousarray(q.offsets.float().T.numpy()), offsets)
+        model.graph.initializer.append(initializers[offsets])
+    shift = f"{node.output[0]}{OFFSETS_SUFFIX}"
+    nodes.append(helper.make_node("MatMul", [sums, offsets], [shift], name=shift))
+    nodes.append(helper.make_node("Add", [nbits_output, shift], list(node.output), name=f"{node.name}_add_offsets"))
+    return nodes
+
+
+def _gather_from_recorded_grids(model, grids: dict, initializers: dict, key, stems: dict) -> set[str]:
+    """An embedding table that is a recorded 4-bit grid's weight (a head tied to it) → ``GatherBlockQuantized``
+    reading that grid's MatMulNBits tensors through ``Reshape``: one 4-bit table in the file, as in the
+    float model. Returns the float tables it replaced."""
+    from onnx import helper, numpy_helper
+
+    tables = {key(np.ascontiguousarray(q.dequantize().numpy())): q for q in grids.values()
+              if q.bits == 4 and q.shape[1] % q.block_size == 0}
+    replaced = set()
+    for node in list(model.graph.node):
+        if node.op_type != "Gather" or node.input[0] not in initializers:
+            continue
+        init = initializers[node.input[0]]
+        if init.data_type != 1 or len(init.dims) != 2 or helper.get_attribute_value(
+                next((a for a in node.attribute if a.name == "axis"), helper.make_attribute("axis", 0))) != 0:
+            continue
+        q = tables.get(key(numpy_helper.to_array(init)))
+        if q is None or id(q) not in stems:  # the head's MatMulNBits tensors are the ones to share
+            continue
+        stem = stems[id(q)]
+        source = f"{stem}_Q4"
+        n, k = q.shape
+        inputs = []
+        for tensor, shape in ((source, (n, -1)), (f"{stem}_scales", (n, k // q.block_size)),
+                              (f"{stem}_zero_points", (n, -1))):
+            name = f"{node.name or node.output[0]}.{tensor}"
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, "int64"), name + ".shape"))
+            model.graph.node.insert(0, helper.make_node("Reshape", [tensor, name + ".shape"], [name], name=name))
+            inputs.append(name)
+        gather = helper.make_node("GatherBlockQuantized", [inputs[0], node.input[1], inputs[1], inputs[2]],
+                                  list(node.output), name=f"{node.name}_Q4", domain="com.microsoft",
+                                  bits=4, block_size=q.block_size, gather_axis=0, quantize_axis=1)
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, gather)
+        replaced.add(node.input[0])
+    return replaced
 
 
 def untie_transposed_weights(model) -> dict[str, str]:
@@ -225,7 +364,11 @@ def weight_summary(model) -> dict:
         return init is not None and len(init.dims) >= 2 and init.data_type in (1, 10, 16)  # float, fp16, bf16
 
     float_matmuls, float_gathers, float_others = [], [], []
+    offset_matmuls = [node for node in model.graph.node if node.op_type == "MatMul"
+                      and node.input[1].endswith((OFFSETS_SUFFIX, INDICATOR_SUFFIX))]
     for node in model.graph.node:
+        if node in offset_matmuls:
+            continue
         if node.op_type == "MatMul" and is_constant(node.input[1]):
             weight = node.input[1]
             source = "initializer" if weight in initializers else f"{producers[weight].op_type} of initializers"
@@ -236,9 +379,12 @@ def weight_summary(model) -> dict:
             float_gathers.append(node.name)
     quantized_bytes = sum(nbytes(name) for node in model.graph.node if node.op_type in QUANTIZED_OPS
                           for name in node.input[1:])
+    quantized_bytes += sum(nbytes(name) for name in initializers if name.endswith(OFFSETS_SUFFIX))
     total_bytes = sum(nbytes(name) for name in initializers)
     return {
         "ops": {op: ops[op] for op in (*QUANTIZED_OPS, "MatMul", "Gather") if ops[op]},
+        # MatMulNBits with block offsets add (x · P) · Cᵀ: those small MatMuls (see _block_offset_nodes).
+        "block_offset_matmuls": len(offset_matmuls),
         "quantized_bytes": quantized_bytes,
         "float_bytes": total_bytes - quantized_bytes,
         # MatMuls that still read a weight (not two activations): left float because the weight is not

@@ -163,6 +163,24 @@ def linear_projections(model: nn.Module) -> dict[str, tuple[int, int]]:
     return found
 
 
+def compute_matmul_nbits_in_float(onnx_dir: Path) -> int:
+    """Check every MatMulNBits of the export in ``onnx_dir`` carries the builder's CPU accuracy level (4: int8
+    activations), then set level 0 (float compute) and save, so ORT's logits can be compared exactly with the
+    PyTorch model that computes with the same dequantized weights. Returns the number of nodes changed."""
+    import onnx
+
+    from exporters.onnx_export import MODEL_FILE
+
+    proto = onnx.load(str(Path(onnx_dir) / MODEL_FILE))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    for node in nodes:
+        level = next(a for a in node.attribute if a.name == "accuracy_level")
+        assert level.i == 4, f"{node.name}: accuracy_level {level.i}"
+        level.i = 0
+    onnx.save(proto, str(Path(onnx_dir) / MODEL_FILE))
+    return len(nodes)
+
+
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist processes sharing the cores
 REAL_MODEL_THREADS = max(1, CPUS // WORKERS)

@@ -365,3 +365,55 @@ def test_export_onnx_then_generate_matches_pytorch(tiny_folder, tmp_path):
     bad = run("export", "onnx", str(tmp_path / "nope"), "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()
 
+
+
+def test_compress_with_weights_then_export_keeps_the_gptq_codes(tiny_folder, tmp_path):
+    """``asvd compress --weights int4`` (compress, then ``asvd quantize``'s GPTQ pass): a float folder on the
+    grid + sidecar; the int4 export writes every Linear from the recorded codes, and ORT's logits (accuracy
+    level 0) equal the PyTorch model's."""
+    import numpy as np
+
+    from conftest import compute_matmul_nbits_in_float
+    from exporters import ORTCausalLM
+
+    quantized, onnx_dir = tmp_path / "quantized", tmp_path / "onnx"
+    calib = ["--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "2", "--seqlen", "64"]
+    result = run("compress", str(tiny_folder), "--out", str(quantized), "--param-ratio", "0.8", "--allocation", "uniform",
+                 "--weights", "int4", "--block-size", "16", *calib)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(tmp_path.glob(".asvd-compressed-*"))  # the intermediate folder is gone
+    assert (quantized / "asvd_nbits.safetensors").is_file() and (quantized / "asvd_report.json").is_file()
+    exported = run("export", "onnx", str(quantized), "--out", str(onnx_dir), "--weights", "int4", "--block-size", "16")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    meta = json.loads((onnx_dir / "asvd_onnx.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(quantized)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert meta["quantized"]["from_recorded_grids"] == linears and meta["quantized"]["tied_embedding_shared"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits.numpy()
+    assert compute_matmul_nbits_in_float(onnx_dir) == linears
+    got = ORTCausalLM(onnx_dir, threads=1).logits(ids.numpy())
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_quantize_writes_a_float_folder_on_the_grid_with_its_sidecar(tiny_folder, tmp_path):
+    """``asvd quantize``: a float checkpoint whose weights lie on the recorded grids, the settings beside it, and
+    a clear refusal of an existing folder; ``--block-offsets`` records the offsets of every decoder-block matrix."""
+    from transformers import AutoModelForCausalLM
+
+    from asvd_passes.quantization.calibrate import grids_of, load_sidecar
+
+    out = tmp_path / "q"
+    calib = ["--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "2", "--seqlen", "32"]
+    result = run("quantize", str(tiny_folder), "--out", str(out), "--algorithm", "rtn", "--block-offsets",
+                 "--block-size", "16", *calib)
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = json.loads((out / "asvd_nbits.json").read_text())
+    assert settings["algorithm"] == "rtn" and settings["block_offsets"] and settings["block_size"] == 16
+    grids = grids_of(AutoModelForCausalLM.from_pretrained(out), load_sidecar(out))  # checks every weight's grid
+    assert {name for name, q in grids.items() if q.offsets is None} == {"lm_head"} and len(grids) == 15
+    again = run("quantize", str(tiny_folder), "--out", str(out), "--algorithm", "rtn", *calib)
+    assert again.returncode == 2 and "--overwrite" in again.stderr

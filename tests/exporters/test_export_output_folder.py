@@ -84,3 +84,9 @@ def test_overwrite_replaces_an_earlier_export(tiny_model, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [METADATA_FILE, MODEL_FILE]
     assert json.loads((out / METADATA_FILE).read_text())["kind"] == "dense"
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]  # no staging or backup folder left
+    import onnx
+
+    # No per-node debug annotations of the exporter (stack traces, this machine's paths) in the file.
+    proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    assert proto.graph.node and not any(node.metadata_props for node in proto.graph.node)
+    assert any(entry.key == "asvd_onnx" for entry in proto.metadata_props)
