@@ -269,20 +269,18 @@ def quantize_folder(model, out, weights: str, block_size: int, algorithm: str, d
     if budget_mib is not None:  # every grid chosen under one byte budget; an impossible budget fails here
         from torch import nn
 
-        from .quantization.plan import budget_plan, check_budget, fixed_bytes, MIB
-        from .allocation.block_cache import decoder_layers
+        from .quantization.plan import budget_plan, check_budget, fixed_bytes, planned_shapes, MIB
 
         head = loaded.get_output_embeddings()
         head_name = next((n for n, m in loaded.named_modules() if m is head), None) if type(head) is nn.Linear else None
-        shapes = {n: tuple(m.weight.shape) for layer in decoder_layers(loaded) for n, m in layer.named_modules()
-                  if type(m) is nn.Linear}
-        check_budget(int(budget_mib * MIB), shapes, fixed_bytes(loaded, head_name))
+        check_budget(int(budget_mib * MIB), planned_shapes(loaded, head_name), fixed_bytes(loaded, head_name),
+                     head_name)
     windows = calibration_windows(calib, loaded, tokenizer, calib_samples, seqlen, seed)
     tick = time.perf_counter()
     if budget_mib is not None:
         plan, planned = budget_plan(loaded, windows[:4], budget_mib, head_name, progress=progress)
         print(f"budget {budget_mib} MiB: " + ", ".join(f"{count} × {grid}" for grid, count in planned["choices"].items())
-              + f"; predicted weights {planned['predicted_weight_bytes'] / MIB:.2f} MiB")
+              + (f", LM head {planned['head']}" if planned["head"] else "") + f"; predicted weights {planned['predicted_weight_bytes'] / MIB:.2f} MiB")
     grids = quantize_model(loaded, windows, bits, block_size, algorithm=algorithm, damping=damping, clip=clip,
                            offsets=offsets, choices=plan, progress=progress)
     seconds = time.perf_counter() - tick
@@ -472,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="GPTQ: take each block's range from its min/max (as ORT) instead of searching it")
     quantize.add_argument("--budget-mib", type=float, default=None, metavar="MIB",
                           help="ONNX file size: each decoder-block matrix gets the bits (4/8), block size and offsets "
-                               "that cost the least predicted loss within it (the LM head stays int4, block 32)")
+                               "that cost the least predicted loss within it (the LM head: int4, block 32/64/128)")
     quantize.add_argument("--block-offsets", action="store_true",
                           help="decoder-block matrices on each block's own [min, max] grid (a fractional zero point, "
                                "as GGUF Q4_1 and HQQ): +1 bit per weight at block 32, exported as a small extra MatMul")

@@ -39,14 +39,17 @@ def _linears(module: nn.Module, prefix: str) -> dict[str, nn.Linear]:
     return {f"{prefix}.{name}" if name else prefix: m for name, m in module.named_modules() if type(m) is nn.Linear}
 
 
-def _check_quantizable(model: nn.Module, bits: int) -> None:
+def _check_quantizable(model: nn.Module, bits: int, choices: dict | None = None) -> None:
     from ..modules import LowRankLinear
 
-    interpolative = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear) and m.interpolative]
-    if interpolative and bits == 4:
-        raise InvalidInputError(
-            f"4-bit quantization would destroy {interpolative[0]} (interpolative low-rank form, whose coefficients "
-            "amplify rounding errors): quantize to 8 bits, or compress with --lowrank-form pair")
+    for name, module in model.named_modules():
+        if not (isinstance(module, LowRankLinear) and module.interpolative):
+            continue
+        low = min([bits] + [c.bits for n, c in (choices or {}).items() if n.startswith(f"{name}.")])
+        if low < 8:
+            raise InvalidInputError(
+                f"{low}-bit quantization would destroy {name} (interpolative low-rank form, whose coefficients "
+                "amplify rounding errors): quantize to 8 bits, or compress with --lowrank-form pair")
 
 
 class _GramRecorder:
@@ -127,7 +130,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, bits: int = 4, block
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         raise InvalidInputError(f"quantize a float32 model (weights on the grid need float32), not {dtype}")
-    _check_quantizable(model, bits)
+    _check_quantizable(model, bits, choices)
     model.eval()
     layers = decoder_layers(model)
     prefix = block_prefix(model)

@@ -13,10 +13,10 @@ zeros to a multiple of the block). Per block, in float32:
 and MatMulNBits dequantizes ``(code − zero point) · scale``. ``roundf`` rounds halves away from zero
 (``torch.round`` rounds them to even, so it is not used). A torch ``Linear`` weight W (N × K) is Bᵀ,
 so here blocks run along each row of W. Everything below reproduces those float32 operations one by
-one, and :func:`packed` writes MatMulNBits' initializers: codes (N, blocks, block·bits/8) with the
-even row in the low nibble, scales (N, blocks), zero points (N, blocks) at 8 bits or packed two per
-byte (N, ⌈blocks/2⌉) at 4 bits with an odd last block's partner nibble at the mid value 8, padding
-codes 0.
+one, and :func:`packed` writes MatMulNBits' initializers: codes (N, blocks, block·bits/8), 8/bits
+per byte with the first row in the lowest bits, scales (N, blocks), zero points (N, blocks) at 8 bits
+or packed 8/bits per byte at 2 and 4 bits, the last byte's unused slots at the mid value 2^(bits−1),
+padding codes 0.
 
 Block offsets (optional): a float c per block added after dequantization, (code − zero point) · scale + c.
 They give a block the grid min + scale · {0 … 2^bits − 1} of its own minimum and maximum, i.e. a
@@ -34,7 +34,7 @@ import torch
 
 from ..errors import InvalidInputError
 
-BITS = (4, 8)
+BITS = (2, 4, 8)
 
 
 def check_grid(bits: int, block_size: int) -> None:
@@ -173,9 +173,9 @@ def packed(quantized: BlockQuantized):
     scales = quantized.scales.float().contiguous()
     if bits == 8:
         return (codes.to(torch.uint8).view(n, blocks, size).numpy(), scales.numpy(), zero.to(torch.uint8).numpy())
-    pairs = codes.view(n, blocks, size // 2, 2)
-    data = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    if blocks % 2:
-        zero = torch.cat([zero, torch.full((n, 1), 8, dtype=torch.int32)], 1)
-    zero = zero.view(n, -1, 2)
-    return data.numpy(), scales.numpy(), (zero[..., 0] | (zero[..., 1] << 4)).to(torch.uint8).numpy()
+    per = 8 // bits  # values per byte, the first in the lowest bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    data = (codes.view(n, blocks, size // per, per) << shifts).sum(-1).to(torch.uint8)
+    if blocks % per:  # the last byte's unused zero points hold the mid value, as ORT writes them
+        zero = torch.cat([zero, torch.full((n, -blocks % per), 2 ** (bits - 1), dtype=torch.int32)], 1)
+    return data.numpy(), scales.numpy(), (zero.view(n, -1, per) << shifts).sum(-1).to(torch.uint8).numpy()

@@ -1,14 +1,15 @@
 """Bits, block size and block offsets per matrix under one byte budget (``asvd quantize --budget-mib``).
 
 Every decoder-block ``Linear`` picks one grid among :data:`CANDIDATES`; the LM head (which a tied
-embedding shares) stays at int4, block 32. A candidate's bytes are what the export writes for it
+embedding shares, so integer zero points only) among :data:`HEAD_CANDIDATES`. A candidate's bytes are what the export writes for it
 (:func:`grid_bytes`, equal to ``BlockQuantized.nbytes()``); its cost is the predicted loss increase of
 rounding the matrix to that grid, with the diagonal Fisher of the projection's output (as the rank
 allocator, :mod:`..allocation.sensitivity`) and the mean square of each input channel:
 
     cost = ½ · Σ_{c,k} F_c · E[x_k²] · ΔW_{ck}²,   ΔW = round-to-grid(W) − W
 
-(round to nearest; GPTQ then lowers every matrix's error, roughly in proportion). A greedy pass spends
+(round to nearest; GPTQ then lowers every matrix's error, roughly in proportion). A tied head's cost
+leaves out what the same rounding does to the embedding rows. A greedy pass spends
 the budget where a byte buys the most predicted loss, on each matrix's lower convex hull, so plain
 int4 block 32 everywhere is one plan it can choose and never predicts worse than at its bytes.
 """
@@ -41,9 +42,14 @@ class GridChoice:
         return f"int{self.bits}/{self.block_size}{'+offsets' if self.offsets else ''}"
 
 
-CANDIDATES = (GridChoice(4, 128), GridChoice(4, 64), GridChoice(4, 32), GridChoice(4, 64, True),
-              GridChoice(4, 32, True), GridChoice(8, 32))
-HEAD = GridChoice(4, 32)
+# 2-bit grids let a budget go below int4 everywhere (MatMulNBits takes 2, 4 and 8 bits on CPU); 8-bit and
+# offset grids buy quality back where a byte buys the most.
+CANDIDATES = (GridChoice(2, 128), GridChoice(2, 64), GridChoice(2, 32), GridChoice(4, 128), GridChoice(4, 64),
+              GridChoice(4, 32), GridChoice(4, 64, True), GridChoice(4, 32, True), GridChoice(8, 32))
+# The LM head: integer zero points (a tied embedding's GatherBlockQuantized reads the same tensors).
+HEAD_CANDIDATES = (GridChoice(4, 128), GridChoice(4, 64), GridChoice(4, 32))
+# An untied embedding is exported by ORT's quantizer at int4, block 32.
+EMBEDDING = GridChoice(4, 32)
 
 
 def grid_bytes(shape: tuple[int, int], choice: GridChoice) -> int:
@@ -52,19 +58,26 @@ def grid_bytes(shape: tuple[int, int], choice: GridChoice) -> int:
     n, k = shape
     blocks = math.ceil(k / choice.block_size)
     codes = n * blocks * choice.block_size * choice.bits // 8
-    zeros = n * blocks if choice.bits == 8 else n * math.ceil(blocks / 2)
+    zeros = n * math.ceil(blocks * choice.bits / 8)  # packed 8/bits per byte
     return codes + 4 * n * blocks + zeros + (4 * n * blocks if choice.offsets else 0)
 
 
+def candidates_for(name: str, head_name: str | None, shape: tuple[int, int]) -> tuple[GridChoice, ...]:
+    """The grids ``name`` may take; the head's blocks must divide its input width (GatherBlockQuantized's rule)."""
+    if name != head_name:
+        return CANDIDATES
+    return tuple(c for c in HEAD_CANDIDATES if shape[1] % c.block_size == 0) or HEAD_CANDIDATES
+
+
 def fixed_bytes(model: nn.Module, head_name: str | None) -> int:
-    """Bytes the export writes that no choice changes: the head (and the tied embedding, which reads it, or
-    an untied embedding at int4/32) and every other float parameter (norms, biases)."""
+    """Bytes the export writes that no choice changes: an untied embedding (int4/32; a tied one reads the
+    head's tensors) and every other float parameter (norms, biases)."""
     linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
     embedding = model.get_input_embeddings().weight
     head = model.get_submodule(head_name) if head_name else None
-    total = grid_bytes(tuple(head.weight.shape), HEAD) if head is not None else 0
+    total = 0
     if head is None or head.weight is not embedding:
-        total += grid_bytes(tuple(embedding.shape), HEAD)
+        total += grid_bytes(tuple(embedding.shape), EMBEDDING)
     counted = {id(embedding)} | ({id(head.weight)} if head is not None else set())
     for name, param in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
@@ -92,17 +105,19 @@ def plan_bytes(shapes: dict[str, tuple[int, int]], plan: dict[str, GridChoice]) 
     return sum(grid_bytes(shapes[name], choice) for name, choice in plan.items())
 
 
-def smallest_plan_bytes(shapes: dict[str, tuple[int, int]]) -> int:
-    return sum(min(grid_bytes(shape, c) for c in CANDIDATES) for shape in shapes.values())
+def smallest_plan_bytes(shapes: dict[str, tuple[int, int]], head_name: str | None = None) -> int:
+    return sum(min(grid_bytes(shape, c) for c in candidates_for(name, head_name, shape)) for name, shape in shapes.items())
 
 
-def check_budget(budget: int, shapes: dict[str, tuple[int, int]], fixed: int) -> None:
-    """A clear error, before any work, for a budget no plan fits."""
-    least = smallest_plan_bytes(shapes) + reserved_bytes(shapes, fixed)
+def check_budget(budget: int, shapes: dict[str, tuple[int, int]], fixed: int, head_name: str | None = None) -> None:
+    """A clear error, before any work, for a budget no plan fits (``shapes``: the head's too, if it is planned)."""
+    least = smallest_plan_bytes(shapes, head_name) + reserved_bytes(shapes, fixed)
     if budget < least:
+        smallest = min(CANDIDATES, key=lambda c: grid_bytes((64, 1024), c))
         raise InvalidInputError(
             f"a budget of {budget / MIB:.2f} MiB is below the smallest plan ({least / MIB:.2f} MiB: every matrix at "
-            f"{min(CANDIDATES, key=lambda c: grid_bytes((64, 1024), c))}, the LM head at {HEAD}, norms and graph)")
+            f"{smallest}, the LM head at {min(HEAD_CANDIDATES, key=lambda c: grid_bytes((64, 1024), c))}, "
+            "norms and graph)")
 
 
 def rounding_cost(weight: torch.Tensor, fisher: torch.Tensor, input_power: torch.Tensor, choice: GridChoice) -> float:
@@ -168,22 +183,31 @@ def _input_power(model: nn.Module, linears: dict[str, nn.Linear]):
     return sums, counts, handles
 
 
-def budget_plan(model: nn.Module, windows: torch.Tensor, budget_mib: float, head_name: str | None,
-                progress: bool = True) -> tuple[dict[str, GridChoice], dict]:
-    """The grid of every decoder-block ``Linear`` (and the head at :data:`HEAD`) for a file of ``budget_mib`` MiB;
-    also a summary (predicted bytes, choices counted). ``windows``: the sensitivity windows."""
-    from tqdm.auto import tqdm
-
+def planned_shapes(model: nn.Module, head_name: str | None) -> dict[str, tuple[int, int]]:
+    """(N, K) of every matrix a plan chooses a grid for: each decoder-block ``Linear`` and the LM head."""
     from ..allocation.block_cache import decoder_layers
-    from ..allocation.sensitivity import output_fisher
 
     layers = decoder_layers(model)
-    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear
-               and any(m is sub for layer in layers for sub in layer.modules())}
-    shapes = {name: tuple(m.weight.shape) for name, m in linears.items()}
+    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules() if type(m) is nn.Linear
+              and any(m is sub for layer in layers for sub in layer.modules())}
+    if head_name:
+        shapes[head_name] = tuple(model.get_submodule(head_name).weight.shape)
+    return shapes
+
+
+def budget_plan(model: nn.Module, windows: torch.Tensor, budget_mib: float, head_name: str | None,
+                progress: bool = True) -> tuple[dict[str, GridChoice], dict]:
+    """The grid of every decoder-block ``Linear`` and of the head for a file of ``budget_mib`` MiB; also a
+    summary (predicted bytes, choices counted). ``windows``: the sensitivity windows."""
+    from tqdm.auto import tqdm
+
+    from ..allocation.sensitivity import output_fisher
+
+    shapes = planned_shapes(model, head_name)
+    linears = {name: model.get_submodule(name) for name in shapes}
     budget = int(budget_mib * MIB)
     fixed = fixed_bytes(model, head_name)
-    check_budget(budget, shapes, fixed)
+    check_budget(budget, shapes, fixed, head_name)
     sums, counts, handles = _input_power(model, linears)
     try:
         fisher = output_fisher(model, list(linears), windows, progress=progress)
@@ -193,15 +217,15 @@ def budget_plan(model: nn.Module, windows: torch.Tensor, budget_mib: float, head
     costs = {}
     for name in tqdm(linears, desc="grid costs", disable=not progress):
         power = sums[name] / max(counts[name], 1)
-        costs[name] = {c: rounding_cost(linears[name].weight, fisher[name], power, c) for c in CANDIDATES}
+        costs[name] = {c: rounding_cost(linears[name].weight, fisher[name], power, c)
+                       for c in candidates_for(name, head_name, shapes[name])}
     plan = greedy_plan(costs, shapes, budget - reserved_bytes(shapes, fixed))
-    chosen = {str(c): sum(1 for name in shapes if plan[name] == c) for c in CANDIDATES}
+    chosen = {str(c): sum(1 for name in shapes if plan[name] == c and name != head_name) for c in CANDIDATES}
     summary = {"budget_bytes": budget,
                # every initializer the export writes (weights, scales, zero points, offsets, norms, block sums)
                "predicted_weight_bytes": plan_bytes(shapes, plan) + fixed + indicator_bytes(shapes, plan),
                "graph_reserve_bytes": GRAPH_RESERVE,
                "choices": {k: v for k, v in chosen.items() if v},
+               "head": str(plan[head_name]) if head_name else None,
                "predicted_cost": sum(costs[name][plan[name]] for name in shapes)}
-    if head_name:
-        plan[head_name] = HEAD
     return plan, summary

@@ -71,8 +71,8 @@ def _awkward_weight(n: int, k: int, block_size: int, seed: int) -> torch.Tensor:
     return weight
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("block_size,k", [(16, 200), (32, 96), (64, 200), (128, 96)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block_size,k", [(16, 200), (32, 96), (64, 200), (128, 96), (32, 160)])
 def test_rtn_is_bit_identical_to_ort(bits, block_size, k):
     """Our codes, scales and zero points equal the bytes ORT's quantizer writes (a short last block too),
     and MatMulNBits (accuracy level 0) on the identity returns exactly our dequantized weights."""
