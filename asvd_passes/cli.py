@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-clip", dest="clip", action="store_false",
                           help="GPTQ: take each block's range from its min/max (as ORT) instead of searching it")
     quantize.add_argument("--budget-mib", type=float, default=None, metavar="MIB",
-                          help="ONNX file size: each decoder-block matrix gets the bits (4/8), block size and offsets "
+                          help="ONNX file size: each decoder-block matrix gets the bits (2/4/8), block size and offsets "
                                "that cost the least predicted loss within it (the LM head: int4, block 32/64/128)")
     quantize.add_argument("--block-offsets", action="store_true",
                           help="decoder-block matrices on each block's own [min, max] grid (a fractional zero point, "
