@@ -181,6 +181,21 @@ def compute_matmul_nbits_in_float(onnx_dir: Path) -> int:
     return len(nodes)
 
 
+def assert_ort_computes_the_grid(model: nn.Module, onnx_dir: Path, ids: torch.Tensor) -> int:
+    """Set the export's MatMulNBits to float compute (:func:`compute_matmul_nbits_in_float`), then check ORT's
+    logits on ``ids`` equal the PyTorch model's (which holds the same dequantized weights) within 1e-4 of their
+    scale. Returns the number of MatMulNBits nodes."""
+    import numpy as np
+
+    from exporters import ORTCausalLM
+
+    nodes = compute_matmul_nbits_in_float(onnx_dir)
+    with torch.no_grad():
+        expected = model(ids).logits.numpy()
+    got = ORTCausalLM(onnx_dir, threads=1).logits(ids.numpy())
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    return nodes
+
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist processes sharing the cores
 REAL_MODEL_THREADS = max(1, CPUS // WORKERS)

@@ -371,10 +371,7 @@ def test_compress_with_weights_then_export_keeps_the_gptq_codes(tiny_folder, tmp
     """``asvd compress --weights int4`` (compress, then ``asvd quantize``'s GPTQ pass): a float folder on the
     grid + sidecar; the int4 export writes every Linear from the recorded codes, and ORT's logits (accuracy
     level 0) equal the PyTorch model's."""
-    import numpy as np
-
-    from conftest import compute_matmul_nbits_in_float
-    from exporters import ORTCausalLM
+    from conftest import assert_ort_computes_the_grid
 
     quantized, onnx_dir = tmp_path / "quantized", tmp_path / "onnx"
     calib = ["--calib", str(DATA / "wiki.valid.tokens"), "--calib-samples", "2", "--seqlen", "64"]
@@ -392,11 +389,7 @@ def test_compress_with_weights_then_export_keeps_the_gptq_codes(tiny_folder, tmp
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
     assert meta["quantized"]["from_recorded_grids"] == linears and meta["quantized"]["tied_embedding_shared"]
     ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids).logits.numpy()
-    assert compute_matmul_nbits_in_float(onnx_dir) == linears
-    got = ORTCausalLM(onnx_dir, threads=1).logits(ids.numpy())
-    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert assert_ort_computes_the_grid(model, onnx_dir, ids) == linears
 
 
 def test_quantize_writes_a_float_folder_on_the_grid_with_its_sidecar(tiny_folder, tmp_path):

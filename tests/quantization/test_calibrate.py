@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -50,8 +49,8 @@ def test_folder_loads_as_float_and_keeps_the_grids(quantized_llama, tmp_path):
 def test_export_writes_the_recorded_codes(quantized_llama, tmp_path, tokens):
     """Every MatMul comes from the recorded grids (tied head shared with the 4-bit embedding), and ORT's
     logits (accuracy level 0) match the PyTorch model that computes with the dequantized weights."""
-    from conftest import compute_matmul_nbits_in_float
-    from exporters import ORTCausalLM, export_onnx
+    from conftest import assert_ort_computes_the_grid
+    from exporters import export_onnx
     from exporters.onnx_export import MODEL_FILE
 
     model, grids = quantized_llama
@@ -63,12 +62,7 @@ def test_export_writes_the_recorded_codes(quantized_llama, tmp_path, tokens):
     proto = onnx.load(str(tmp_path / "onnx" / MODEL_FILE))
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(grids)
-    assert compute_matmul_nbits_in_float(tmp_path / "onnx") == len(grids)
-    ids = tokens(2, 12, seed=4)
-    with torch.no_grad():
-        expected = model(ids).logits.numpy()
-    got = ORTCausalLM(tmp_path / "onnx", threads=1).logits(ids.numpy())
-    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert assert_ort_computes_the_grid(model, tmp_path / "onnx", tokens(2, 12, seed=4)) == len(grids)
 
 
 def test_refusals():
@@ -87,8 +81,8 @@ def test_block_offsets_survive_the_folder_and_the_export(tmp_path, tokens):
     matrix (plus one block-sum per distinct input), bytes predicted = bytes written, and ORT's logits match."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import compute_matmul_nbits_in_float, make_tiny_model, token_batch
-    from exporters import ORTCausalLM, export_onnx
+    from conftest import assert_ort_computes_the_grid, make_tiny_model, token_batch
+    from exporters import export_onnx
 
     model = make_tiny_model("llama")
     grids = quantize_model(model, token_batch(4, 16, seed=9), bits=4, block_size=16, offsets=True, progress=False)
@@ -103,9 +97,4 @@ def test_block_offsets_survive_the_folder_and_the_export(tmp_path, tokens):
     assert summary["float_weight_matmuls"] == []
     assert summary["block_offset_matmuls"] == (len(grids) - 1) + 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up, down
     assert summary["quantized_bytes"] == sum(q.nbytes() for q in grids.values())
-    assert compute_matmul_nbits_in_float(tmp_path / "onnx") == len(grids)
-    ids = tokens(2, 12, seed=4)
-    with torch.no_grad():
-        expected = loaded(ids).logits.numpy()
-    got = ORTCausalLM(tmp_path / "onnx", threads=1).logits(ids.numpy())
-    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert assert_ort_computes_the_grid(loaded, tmp_path / "onnx", tokens(2, 12, seed=4)) == len(grids)

@@ -66,8 +66,8 @@ def test_budget_plan_end_to_end_on_a_tiny_model(tmp_path, tokens):
     are the export's, the file fits the budget, and ORT and onnxruntime-genai compute what PyTorch does."""
     import numpy as np
 
-    from conftest import compute_matmul_nbits_in_float, make_tiny_model
-    from exporters import ORTCausalLM, export_onnx
+    from conftest import assert_ort_computes_the_grid, make_tiny_model
+    from exporters import export_onnx
     from exporters.onnx_export import MODEL_FILE
     from asvd_passes.quantization.calibrate import quantize_model
     from asvd_passes.quantization.plan import (budget_plan, candidates_for, fixed_bytes, indicator_bytes,
@@ -97,12 +97,7 @@ def test_budget_plan_end_to_end_on_a_tiny_model(tmp_path, tokens):
     written = meta.quantized["quantized_bytes"] + meta.quantized["float_bytes"]
     assert written <= summary["predicted_weight_bytes"] + 1024
     assert (tmp_path / "onnx" / MODEL_FILE).stat().st_size <= budget
-    compute_matmul_nbits_in_float(tmp_path / "onnx")
-    ids = tokens(2, 12, seed=4)
-    with torch.no_grad():
-        expected = model(ids).logits.numpy()
-    got = ORTCausalLM(tmp_path / "onnx", threads=1).logits(ids.numpy())
-    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert_ort_computes_the_grid(model, tmp_path / "onnx", tokens(2, 12, seed=4))
     # onnxruntime-genai runs the mixed 2/4/8-bit graph: its greedy tokens are PyTorch's (fake quant).
     pytest.importorskip("onnxruntime_genai")
     from exporters import GenAICausalLM
@@ -116,12 +111,11 @@ def test_budget_plan_end_to_end_on_a_tiny_model(tmp_path, tokens):
 def test_a_head_at_block_128_is_shared_by_the_tied_embedding(tmp_path, tokens):
     """The head's coarsest grid: MatMulNBits and the embedding's GatherBlockQuantized read one int4/128 table,
     the bytes are the predicted ones and ORT computes what PyTorch does."""
-    import numpy as np
     import onnx
     from transformers import AutoModelForCausalLM
 
-    from conftest import compute_matmul_nbits_in_float, tiny_config
-    from exporters import ORTCausalLM, export_onnx
+    from conftest import assert_ort_computes_the_grid, tiny_config
+    from exporters import export_onnx
     from exporters.onnx_export import MODEL_FILE
     from asvd_passes.quantization.calibrate import quantize_model
     from asvd_passes.quantization.plan import candidates_for, planned_shapes
@@ -141,9 +135,4 @@ def test_a_head_at_block_128_is_shared_by_the_tied_embedding(tmp_path, tokens):
     graph = onnx.load(tmp_path / "onnx" / MODEL_FILE, load_external_data=False).graph
     gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
     assert [a.i for n in gathers for a in n.attribute if a.name == "block_size"] == [128]
-    compute_matmul_nbits_in_float(tmp_path / "onnx")
-    ids = tokens(2, 12, seed=4)
-    with torch.no_grad():
-        expected = model(ids).logits.numpy()
-    got = ORTCausalLM(tmp_path / "onnx", threads=1).logits(ids.numpy())
-    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert_ort_computes_the_grid(model, tmp_path / "onnx", tokens(2, 12, seed=4))
