@@ -269,10 +269,10 @@ def quantize_folder(model, out, weights: str, block_size: int, algorithm: str, d
     if budget_mib is not None:  # every grid chosen under one byte budget; an impossible budget fails here
         from torch import nn
 
+        from .graph.match import output_projection_name
         from .quantization.plan import budget_plan, check_budget, fixed_bytes, planned_shapes, MIB
 
-        head = loaded.get_output_embeddings()
-        head_name = next((n for n, m in loaded.named_modules() if m is head), None) if type(head) is nn.Linear else None
+        head_name = output_projection_name(loaded) if type(loaded.get_output_embeddings()) is nn.Linear else None
         check_budget(int(budget_mib * MIB), planned_shapes(loaded, head_name), fixed_bytes(loaded, head_name),
                      head_name)
     windows = calibration_windows(calib, loaded, tokenizer, calib_samples, seqlen, seed)

@@ -106,8 +106,7 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
     op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # GatherBlockQuantized is 4-bit only
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits,
                                           accuracy_level=accuracy_level, op_types_to_quantize=op_types)
-    offset_nodes = [node.name for node in model.graph.node if node.op_type == "MatMul"
-                    and node.input[1].endswith((OFFSETS_SUFFIX, INDICATOR_SUFFIX))]  # exact float, by design
+    offset_nodes = [node.name for node in model.graph.node if is_block_offset_matmul(node)]  # exact float, by design
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=False,
                                      accuracy_level=accuracy_level, nodes_to_exclude=offset_nodes,
                                      op_types_to_quantize=op_types, algo_config=config)
@@ -188,6 +187,11 @@ def write_recorded_grids(model, grids: dict, accuracy_level: int = CPU_ACCURACY_
 
 
 OFFSETS_SUFFIX, INDICATOR_SUFFIX = "_block_offsets", "_block_indicator"
+
+
+def is_block_offset_matmul(node) -> bool:
+    """One of the small float MatMuls :func:`_block_offset_nodes` writes beside a MatMulNBits."""
+    return node.op_type == "MatMul" and node.input[1].endswith((OFFSETS_SUFFIX, INDICATOR_SUFFIX))
 
 
 def _block_offset_nodes(node, q, nbits_output: str, weight: str, initializers: dict, model) -> list:
@@ -364,10 +368,10 @@ def weight_summary(model) -> dict:
         return init is not None and len(init.dims) >= 2 and init.data_type in (1, 10, 16)  # float, fp16, bf16
 
     float_matmuls, float_gathers, float_others = [], [], []
-    offset_matmuls = [node for node in model.graph.node if node.op_type == "MatMul"
-                      and node.input[1].endswith((OFFSETS_SUFFIX, INDICATOR_SUFFIX))]
+    offset_matmuls = 0
     for node in model.graph.node:
-        if node in offset_matmuls:
+        if is_block_offset_matmul(node):
+            offset_matmuls += 1
             continue
         if node.op_type == "MatMul" and is_constant(node.input[1]):
             weight = node.input[1]
@@ -384,7 +388,7 @@ def weight_summary(model) -> dict:
     return {
         "ops": {op: ops[op] for op in (*QUANTIZED_OPS, "MatMul", "Gather") if ops[op]},
         # MatMulNBits with block offsets add (x · P) · Cᵀ: those small MatMuls (see _block_offset_nodes).
-        "block_offset_matmuls": len(offset_matmuls),
+        "block_offset_matmuls": offset_matmuls,
         "quantized_bytes": quantized_bytes,
         "float_bytes": total_bytes - quantized_bytes,
         # MatMuls that still read a weight (not two activations): left float because the weight is not

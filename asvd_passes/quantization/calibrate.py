@@ -122,6 +122,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, bits: int = 4, block
     16-bit type cannot hold).
     """
     from ..allocation.block_cache import decoder_layers
+    from ..graph.match import output_projection_name
     from ..pipelines.blocks import block_prefix, record_block_inputs
 
     check_grid(bits, block_size)
@@ -152,7 +153,7 @@ def quantize_model(model: nn.Module, windows: torch.Tensor, bits: int = 4, block
         hidden = [layer(x, *calls[index].args, **calls[index].kwargs) for x in hidden]
     head = model.get_output_embeddings()
     if include_head and type(head) is nn.Linear:
-        name = next(n for n, m in model.named_modules() if m is head)
+        name = output_projection_name(model)
         recorder = _GramRecorder({name: head})
 
         def stop(module, args):
