@@ -275,7 +275,7 @@ def quantize_folder(model, out, weights: str, block_size: int, algorithm: str, d
         head_name = output_projection_name(loaded) if type(loaded.get_output_embeddings()) is nn.Linear else None
         check_budget(int(budget_mib * MIB), planned_shapes(loaded, head_name), fixed_bytes(loaded, head_name),
                      head_name)
-    windows = calibration_windows(calib, loaded, tokenizer, calib_samples, seqlen, seed)
+    windows = calibration_windows(calib, loaded, tokenizer, calib_samples, seqlen, seed, progress)
     tick = time.perf_counter()
     if budget_mib is not None:
         plan, planned = budget_plan(loaded, windows[:4], budget_mib, head_name, progress=progress)

@@ -144,7 +144,7 @@ class ASVDCompressor(OptimumQuantizer):
             layouts = kv.find_attention_layers(model, "The KV pass (--kv-ratio)")
             kv.plan.check_budget(config, layouts, next(model.parameters()).element_size())
         start = time.perf_counter()
-        windows = self._calibration(config, calibration)
+        windows = self._calibration(config, calibration, progress)
         data_seconds = time.perf_counter() - start
         source = config.calibration if calibration is None else calibration
         analysis = WholeModelPipeline(model, progress).analyze(config, windows, source, filter_fn)
@@ -186,7 +186,7 @@ class ASVDCompressor(OptimumQuantizer):
                 self.tokenizer.save_pretrained(staging)
             write_side_files(staging, config, report)
 
-    def _calibration(self, config: ASVDConfig, calibration) -> torch.Tensor:
+    def _calibration(self, config: ASVDConfig, calibration, progress: bool = False) -> torch.Tensor:
         if isinstance(calibration, torch.Tensor):
             if calibration.dim() != 2 or calibration.shape[1] < 2:
                 raise InvalidInputError("calibration tensor must be (samples, seqlen) token ids")
@@ -202,4 +202,5 @@ class ASVDCompressor(OptimumQuantizer):
             # Plain SVD needs no statistics; a tracing example of random ids is enough.
             generator = torch.Generator().manual_seed(config.seed)
             return torch.randint(0, self.model.config.vocab_size, (1, config.seqlen), generator=generator)
-        return calibration_windows(source, self.model, self.tokenizer, config.calib_samples, config.seqlen, config.seed)
+        return calibration_windows(source, self.model, self.tokenizer, config.calib_samples, config.seqlen, config.seed,
+                                   progress)

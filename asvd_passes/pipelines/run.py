@@ -51,7 +51,7 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     tick = time.perf_counter()
     weights.prepare_rest(prefix)
     compressor._model = model if not offloaded else None
-    windows = _calibration(compressor, model, config, calibration)
+    windows = _calibration(compressor, model, config, calibration, progress)
     seconds = {"calibration_data": time.perf_counter() - tick}
     params_before = model_params(model)
 
@@ -98,11 +98,11 @@ def compress_sequentially(compressor, config: ASVDConfig, calibration, save_dir,
     return report
 
 
-def _calibration(compressor, model, config, calibration) -> torch.Tensor:
+def _calibration(compressor, model, config, calibration, progress) -> torch.Tensor:
     saved = compressor._model
     compressor._model = model
     try:
-        return compressor._calibration(config, calibration)
+        return compressor._calibration(config, calibration, progress)
     finally:
         compressor._model = saved
 

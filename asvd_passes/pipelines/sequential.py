@@ -274,10 +274,17 @@ class SequentialPipeline:
     def _kv_plan(self, costs):
         return planning.kv_plan(self.config, self.kv_layouts, self.group_size, lambda: costs, self._storage_dtype.itemsize)
 
-    def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall):
-        """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats."""
+    def _observe(self, index: int, block, inputs: list[torch.Tensor], call: BlockCall, factored=None):
+        """Capture block ``index``, observe its projection inputs over ``inputs``; returns the graph and stats.
+
+        With ``factored`` (the names pass 2 will factor) only those and the K/V sources are observed:
+        a projection kept dense needs no statistics (a block with none is not observed at all).
+        """
         graph = self._graphs.capture(block, self._feed(inputs[0]), call)
         selected, observed = self._block_projections(index, graph, block)
+        if factored is not None:
+            kv_sources = set(self._kv_sources(index))
+            observed = [p for p in observed if p.name in factored or p.name in kv_sources]
         statistics = {}
         needed = self.config.statistics
         if observed and needed:
@@ -481,17 +488,19 @@ class SequentialPipeline:
         """Pass 2: factor each block with the planned ranks and produce the next block's inputs."""
         config = self.config
         current = hidden
+        factored = plan.factored
         for index, layer in enumerate(tqdm(self.layers, desc="compress blocks", disable=not self.progress)):
             prefix = self._name(index, "")[:-1]
             block = self.weights.load(prefix, layer)
             call = calls[index]
-            graph, selected, observed, statistics = self._observe(index, block, current, call)
+            graph, selected, observed, statistics = self._observe(index, block, current, call, factored)
             self._check_surveyed(index, selected, plan.shapes)
+            selected = [p for p in selected if p.name in factored]  # the projections factored below
             layouts = self._block_layouts(index)
             if not config.sequential_calibration:
                 with torch.no_grad():  # the dense block's outputs feed the next block
                     dense_outputs = [graph(self._feed(x), *call.args, **call.kwargs).cpu() for x in current]
-            replacements = {}
+            replacements, scalings = {}, {}
             covariances = self._covariances.get(index) if self._output_whitening else {}
             for group, scalings in self._scalings(statistics, selected, observed, layouts):
                 for p in group:

@@ -380,3 +380,44 @@ def test_blocks_that_differ_are_surveyed_block_by_block(change, tiny_model, toke
     assert len([name for name in factored if name.startswith("model.layers.1.")]) == 7 + (change == "extra projection")
     assert report.selected_params_before == block_weights  # each block's own shapes
     assert report.model_params_before == dense_params
+
+
+def test_pass_two_observes_only_the_projections_it_factors(tiny_model, tokens, monkeypatch):
+    """Projections the plan keeps dense need no statistics in pass 2 (a Gram matrix each, the MLP's widest);
+    the factors are the same as with every projection observed."""
+    import asvd_passes.pipelines.sequential as sequential
+
+    config = ASVDConfig(param_ratio=0.9, pipeline="sequential", **SMALL)
+    windows = tokens(4, 16)
+    observed, phase = [], []
+    insert = sequential.InsertObserversPass
+
+    class Spy(insert):
+        def __init__(self, groups, statistics):
+            super().__init__(groups, statistics)
+            if phase:
+                observed.extend(name for group in groups for name in group.names)
+
+    factor = SequentialPipeline._factor
+
+    def in_pass_two(self, *args):
+        phase.append(True)
+        return factor(self, *args)
+
+    monkeypatch.setattr(sequential, "InsertObserversPass", Spy)
+    monkeypatch.setattr(SequentialPipeline, "_factor", in_pass_two)
+    compressor = ASVDCompressor(tiny_model("llama"))
+    report = compressor.compress(config, calibration=windows, progress=False)
+    factored = {name for name, rank in report.ranks.items() if rank is not None}
+    dense = set(report.ranks) - factored
+    assert factored and dense  # the plan keeps some projections dense
+    assert factored <= set(observed) and not dense & set(observed)
+
+    observe = SequentialPipeline._observe
+    monkeypatch.setattr(SequentialPipeline, "_observe", lambda self, *args, **kwargs: observe(self, *args[:4]))
+    everything = ASVDCompressor(tiny_model("llama"))
+    everything.compress(config, calibration=windows, progress=False)
+    expected, got = _factors(everything.model), _factors(compressor.model)
+    assert expected.keys() == got.keys()
+    for name, (down, up) in expected.items():
+        assert torch.equal(got[name][0], down) and torch.equal(got[name][1], up)
