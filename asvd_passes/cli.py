@@ -308,10 +308,10 @@ def run_export(args: argparse.Namespace) -> int:
                            dtype=args.dtype, device=args.device, fold_value=args.fold_value,
                            absorb_key=args.absorb_key,
                            layout="genai" if args.genai else "asvd", weights=args.weights, block_size=args.block_size,
-                           progress=True, overwrite=args.overwrite)
+                           progress=True, overwrite=args.overwrite, graph=args.graph)
     weights = metadata.weights + (f" (block {metadata.block_size})" if metadata.block_size else "")
     print(f"exported a {metadata.kind}-cache model ({metadata.num_layers} layers, opset {metadata.opset}, "
-          f"{weights} weights, {metadata.layout} layout) to {args.out}")
+          f"{weights} weights, {metadata.layout} layout, {metadata.graph} graph) to {args.out}")
     if metadata.quantized:
         q = metadata.quantized
         print(f"quantized ops: {q['ops']}; weight bytes quantized {q['quantized_bytes']}, left float {q['float_bytes']}")
@@ -493,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per quantization block (default 32)")
     onnx.add_argument("--genai", action="store_true",
                       help="onnxruntime-genai layout: 4-D cache, K/V latents packed into equal-width slots, genai_config.json")
+    onnx.add_argument("--graph", choices=["asvd", "builder"], default="asvd",
+                      help="asvd: our export (any model we compress); builder: onnxruntime-genai's model builder's "
+                           "graph (fused attention, its decode speed) with the grids `asvd quantize` recorded "
+                           "(a dense quantized folder, --weights int4|int8)")
     onnx.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the export traces on")
     onnx.add_argument("--fold-value", choices=["always", "never"], default="always",
                       help="attend over the V latent then apply V's up (always), or rebuild V (never)")

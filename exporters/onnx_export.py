@@ -36,6 +36,7 @@ MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
 DEFAULT_OPSET = 18
 LAYOUTS = ("asvd", "genai")
+GRAPHS = ("asvd", "builder")
 
 
 @dataclass
@@ -75,6 +76,7 @@ class ExportMetadata:
     block_size: int | None = None
     quantized: dict = field(default_factory=dict)  # what the quantizer turned into N-bit ops and what stayed float
     kv_bits: int | None = None  # quantized latent cache: 8 (int8 codes) or 4 (two codes per uint8); None: float
+    graph: str = "asvd"  # "asvd": our torch.onnx export; "builder": onnxruntime-genai's builder's graph, our weights
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -284,6 +286,7 @@ def export_onnx(
     progress: bool = False,
     overwrite: bool = False,
     grids: dict | None = None,
+    graph: str = "asvd",
 ) -> ExportMetadata:
     """Export to ``out_dir/model.onnx`` (+ ``asvd_onnx.json`` and the tokenizer), written atomically.
 
@@ -305,6 +308,9 @@ def export_onnx(
     ``grids``: int8/int4 only, {module name: ``BlockQuantized``} of weights already on a MatMulNBits
     grid (``asvd quantize``); written from their own codes and scales, not rounded again. A folder
     that ``asvd quantize`` wrote brings its own (its ``asvd_nbits.safetensors``).
+    ``graph``: ``asvd`` (our torch.onnx export: any model we compress), or ``builder``: onnxruntime-genai's
+    model builder's decoder graph (fused attention and norms, its decode speed) carrying the folder's recorded
+    int8/int4 grids, for a dense folder that ``asvd quantize`` wrote (:mod:`exporters.builder_graph`).
     A model object passed in is moved to ``device``/``dtype``, put in eval mode with eager attention
     for the export, and given back as it was (same tensors, modes and attention), also when the
     export fails.
@@ -321,6 +327,8 @@ def export_onnx(
         raise InvalidInputError(f"absorb_key must be 'always' or 'never' for export, got {absorb_key!r}")
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if graph not in GRAPHS:
+        raise InvalidInputError(f"graph must be one of {GRAPHS}, got {graph!r}")
     weights = weights or dtype
     check_weights(weights, block_size)
     if weights in ("fp32", "fp16"):
@@ -346,6 +354,10 @@ def export_onnx(
         grids = grids_of(model, sidecar) if sidecar else None
     check_latent_support(model, "The ONNX export")  # attention the family table does not cover: refused before tracing
     check_quantizable(model, weights)
+    if graph == "builder":
+        _check_builder_graph(model, model_or_path, weights, grids)
+        return _export_builder_graph(model, tokenizer, Path(model_or_path), Path(out_dir), weights, grids, progress,
+                                     overwrite, inputs)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
         return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, absorb_key, layout, weights,
@@ -424,6 +436,64 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
             (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(model, metadata), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+    return metadata
+
+
+def _check_builder_graph(model: nn.Module, source, weights: str, grids: dict | None) -> None:
+    """What ``graph="builder"`` can carry: a dense model folder with recorded int8/int4 grids (checked before work)."""
+    from asvd_passes.kv import LatentKVAttention
+    from asvd_passes.modules import LowRankLinear
+
+    if isinstance(source, nn.Module) or source is None:
+        raise InvalidInputError("--graph builder exports a folder (the builder reads it from disk): save the model first")
+    if weights not in ("int8", "int4") or not grids:
+        raise InvalidInputError(
+            "--graph builder writes the int8/int4 grids that `asvd quantize` recorded (asvd_nbits.safetensors): "
+            "quantize the folder first and export with --weights int4|int8")
+    if any(isinstance(m, (LowRankLinear, LatentKVAttention)) for m in model.modules()):
+        raise InvalidInputError("--graph builder has no form for low-rank projections or a latent KV cache: "
+                                "export this model with the default graph")
+    bits = {q.bits for q in grids.values()}
+    if weights == "int8" and bits != {8} or weights == "int4" and 4 not in bits:
+        raise InvalidInputError(f"the folder's recorded grids are {sorted(bits)}-bit; --weights {weights} does not describe them")
+
+
+def _export_builder_graph(model, tokenizer, folder: Path, out_dir: Path, weights: str, grids: dict, progress: bool,
+                          overwrite: bool, inputs) -> ExportMetadata:
+    import onnx
+
+    from asvd_passes.serialization import atomic_directory
+
+    from .builder_graph import builder_graph
+    from .quantize import CPU_ACCURACY_LEVEL
+
+    with atomic_directory(out_dir, overwrite, METADATA_FILE, inputs) as staging:
+        staging = Path(staging)
+        _progress(progress, "building onnxruntime-genai's decoder graph and writing the recorded grids into it")
+        quantized = builder_graph(folder, staging, model, grids, CPU_ACCURACY_LEVEL, progress)
+        proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
+        names = [i.name for i in proto.graph.input]
+        outputs = [o.name for o in proto.graph.output]
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        cache = [CacheEntry(layer, role, f"past_key_values.{layer}.{role}", f"present.{layer}.{role}",
+                            {"heads": heads, "head_dim": head_dim})
+                 for layer in range(config.num_hidden_layers) for role in ("key", "value")]
+        missing = [name for e in cache for name in (e.input, e.output) if name not in names + outputs]
+        if missing or len(names) != 2 + len(cache) or len(outputs) != 1 + len(cache):
+            raise InvalidInputError(f"the builder's graph has other inputs/outputs than expected ({missing[:2]})")
+        # The builder lists every layer's keys, then every layer's values; our runner pairs them with ``cache``.
+        names = ["input_ids", "attention_mask"] + [e.input for e in cache]
+        outputs = ["logits"] + [e.output for e in cache]
+        eos = config.eos_token_id
+        metadata = ExportMetadata(
+            kind="dense", num_layers=config.num_hidden_layers, vocab_size=config.vocab_size, dtype="fp32",
+            opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            inputs=names, outputs=outputs, cache=cache, rope=None, bos_token_id=config.bos_token_id,
+            eos_token_id=[eos] if isinstance(eos, int) else eos, pad_token_id=config.pad_token_id, layout="genai",
+            weights=weights, block_size=None, quantized=quantized, graph="builder")
+        (staging / METADATA_FILE).write_text(metadata.to_json())
     return metadata
 
 

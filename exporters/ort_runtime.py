@@ -91,7 +91,7 @@ class ORTCausalLM:
         if ids.ndim != 2:
             raise ORTInputError(f"input_ids must be (batch, seq), got shape {ids.shape}")
         batch, seq = ids.shape
-        if feeds["position_ids"].shape != (batch, seq):
+        if "position_ids" in feeds and feeds["position_ids"].shape != (batch, seq):
             raise ORTInputError(f"position_ids must be {(batch, seq)}, got {feeds['position_ids'].shape}")
         past = None
         for entry in self.metadata.cache:
@@ -113,8 +113,9 @@ class ORTCausalLM:
     def forward(self, input_ids, attention_mask, position_ids, past: list) -> tuple[np.ndarray, list]:
         """One call of the graph: logits (batch, seq, vocab) and the present cache entries."""
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
-                 "attention_mask": np.asarray(attention_mask, dtype=np.int64),
-                 "position_ids": np.asarray(position_ids, dtype=np.int64)}
+                 "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        if "position_ids" in self.metadata.inputs:  # the builder's graph derives positions from the mask
+            feeds["position_ids"] = np.asarray(position_ids, dtype=np.int64)
         feeds.update({entry.input: value for entry, value in zip(self.metadata.cache, past)})
         self.check_inputs(feeds)
         if self.provider == "cuda":

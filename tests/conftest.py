@@ -117,6 +117,17 @@ def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float
     return model.to(dtype).eval()
 
 
+def word_tokenizer():
+    """A word-level tokenizer over w3 … w127 (ids 3 … 127, 0 = <unk>): what tools that save a tokenizer need."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(3, 128)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words, start=3)} | {"<unk>": 0}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>"), words
+
+
 def token_batch(samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """Seeded token ids in [3, VOCAB): never a pad/BOS/EOS token."""
     generator = torch.Generator().manual_seed(seed)

@@ -11,22 +11,13 @@ import pytest
 import torch
 
 from asvd_passes.cli import main
+from conftest import word_tokenizer
 from exporters import ONNXDecoder
 
 pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.xdist_group("genai-builder")  # one worker builds the module's folders once
 
 LAYERS, KV_HEADS, HEAD_SIZE = 2, 2, 16  # GroupQueryAttention's CPU kernel wants head sizes in multiples of 16
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(3, 128)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words, start=3)} | {"<unk>": 0}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>"), words
 
 
 def build(source, out, *extra_options) -> None:

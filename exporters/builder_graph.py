@@ -1,0 +1,174 @@
+"""Our recorded N-bit weights in onnxruntime-genai's model builder's decoder graph (``--graph builder``).
+
+The builder writes a decoder with ONNX Runtime's fused kernels: ``GroupQueryAttention`` (rotary inside),
+``SkipSimplifiedLayerNormalization``, ``MatMulNBits``. Our own export (torch.onnx, dynamo) spells attention,
+RoPE and the norms out in primitive ops and decodes at 0.75-0.8x the builder's int4 model. For a dense
+model on MatMulNBits grids (what ``asvd quantize`` writes: GPTQ codes, a byte-budget plan, block offsets)
+nothing in the graph needs to be ours, only the weights:
+
+1. the builder builds its fp32 graph from the folder (the float weights are exactly on their grids);
+2. each float MatMul is found by value among the recorded grids (:func:`exporters.quantize.write_recorded_grids`)
+   and written as MatMulNBits from its codes; a MatMul the builder packed (q/k/v into one ``qkv_proj``)
+   is split into one MatMul per recorded matrix first, joined by a Concat; the embedding, which the
+   builder gathers from the tied head's transposed weight, is gathered from the head's 4-bit tensors;
+3. a weight left in float is an error (the builder changed it, so the grids could not be kept).
+
+Low-rank projections and latent caches have no form in the builder's graph: those models keep our export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from asvd_passes.errors import InvalidInputError, MissingDependencyError
+
+BUILDER_MODULE = "onnxruntime_genai.models.builder"
+
+
+def run_builder(folder: Path, out: Path, progress: bool) -> None:
+    """``python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p fp32 -e cpu`` in its own process."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(f"--graph builder needs onnxruntime-genai: pip install onnxruntime-genai ({err})") from err
+    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(folder), "-o", str(out), "-p", "fp32", "-e", "cpu",
+               "-c", str(out.parent / "builder-cache")]
+    result = subprocess.run(command, capture_output=not progress, text=True)
+    if result.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = (result.stderr or "").strip().splitlines()[-3:] if not progress else ["(its output is above)"]
+        raise InvalidInputError(f"onnxruntime-genai's model builder could not build {folder}: " + " | ".join(tail))
+
+
+def _key(array: np.ndarray):
+    return array.shape, hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+
+
+def split_packed_matmuls(model, grids: dict) -> int:
+    """A MatMul whose weight columns are several recorded matrices side by side (the builder's packed
+    q/k/v) becomes one MatMul per matrix and a Concat of their outputs. Returns how many were split."""
+    from onnx import helper, numpy_helper
+
+    transposed = {}
+    for q in grids.values():
+        weight = np.ascontiguousarray(q.dequantize().T.numpy())
+        transposed[_key(weight)] = weight.shape[1]
+    widths = sorted({w for w in transposed.values()}, reverse=True)
+    initializers = {init.name: init for init in model.graph.initializer}
+    split = 0
+    for node in list(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if weight.ndim != 2 or _key(weight) in transposed:
+            continue
+        parts, start = [], 0
+        while start < weight.shape[1]:
+            width = next((w for w in widths if start + w <= weight.shape[1]
+                          and _key(weight[:, start:start + w]) in transposed), None)
+            if width is None:
+                break
+            parts.append((start, width))
+            start += width
+        if start != weight.shape[1] or len(parts) < 2:
+            continue
+        new, outputs = [], []
+        for index, (begin, width) in enumerate(parts):
+            name = f"{node.input[1]}.part{index}"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, begin:begin + width]), name))
+            outputs.append(f"{node.output[0]}.part{index}")
+            new.append(helper.make_node("MatMul", [node.input[0], name], [outputs[-1]], name=f"{node.name}.part{index}"))
+        new.append(helper.make_node("Concat", outputs, list(node.output), name=f"{node.name}.concat", axis=-1))
+        position = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for offset, item in enumerate(new):
+            model.graph.node.insert(position + offset, item)
+        model.graph.initializer.remove(initializers.pop(node.input[1]))
+        split += 1
+    return split
+
+
+def gather_from_tables(model) -> None:
+    """An embedding Gather reading Transpose(head weight) reads a table initializer instead, so the head's
+    recorded grid is found by value and the embedding shares its 4-bit tensors."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    for node in list(model.graph.node):
+        transpose = producers.get(node.input[0]) if node.op_type == "Gather" else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        table = numpy_helper.to_array(initializers[transpose.input[0]]).T
+        name = f"{node.name}.table"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), name))
+        node.input[0] = name
+        if not any(transpose.output[0] in other.input for other in model.graph.node if other is not node):
+            model.graph.node.remove(transpose)
+
+
+def float_weight_matmuls(model) -> list[str]:
+    """MatMul nodes that still read a 2-D float initializer (weights the grids did not cover)."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers
+            and len(initializers[node.input[1]].dims) == 2]
+
+
+def check_computes_the_model(built: Path, model, tokens: int = 16, tolerance: float = 1e-3) -> None:
+    """The builder's fp32 graph gives the PyTorch model's logits (a configuration it reads differently is
+    refused here, not shipped): one seeded sequence, max |Δ| within ``tolerance`` of the logits' scale."""
+    import torch
+
+    from .onnx_decoder import ONNXDecoder
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+    with torch.no_grad():
+        expected = model(ids).logits.float().numpy()
+    got = ONNXDecoder(built).logits(ids.numpy())
+    error = float(np.abs(got - expected).max())
+    if not error <= tolerance * float(np.abs(expected).max()):
+        raise InvalidInputError(
+            f"onnxruntime-genai's model builder's graph of this model does not compute what transformers computes "
+            f"(max |logit difference| {error:.3g} of {float(np.abs(expected).max()):.3g}): export without --graph builder")
+
+
+def builder_graph(folder: Path, staging: Path, model, grids: dict, accuracy_level: int, progress: bool) -> dict:
+    """Write ``staging/model.onnx`` (+ the builder's ``genai_config.json`` and tokenizer files): the builder's
+    graph of ``folder`` (checked against ``model``, the folder loaded in PyTorch) with every recorded grid as
+    MatMulNBits. Returns the weight summary."""
+    import onnx
+
+    from .quantize import weight_summary, write_recorded_grids
+
+    with tempfile.TemporaryDirectory(prefix="asvd-builder-", dir=staging.parent) as scratch:
+        built = Path(scratch) / "fp32"
+        run_builder(folder, built, progress)
+        check_computes_the_model(built, model)
+        model = onnx.load(str(built / "model.onnx"))
+        split = split_packed_matmuls(model, grids)
+        gather_from_tables(model)
+        written, shared = write_recorded_grids(model, grids, accuracy_level)
+        left = float_weight_matmuls(model)
+        if written != len(grids) or left:
+            raise InvalidInputError(
+                f"the builder's graph of {folder} holds weights that are not the folder's recorded grids "
+                f"({written} of {len(grids)} grids found; float MatMuls left: {left[:3]}); export without --graph builder")
+        readers = {name for node in model.graph.node for name in node.input}
+        unread = [init for init in model.graph.initializer if init.name not in readers]
+        for init in unread:
+            model.graph.initializer.remove(init)
+        large = model.ByteSize() > 2**31 - 2**26  # protobuf's 2 GiB limit, with room for the graph
+        onnx.save(model, str(staging / "model.onnx"), save_as_external_data=large,
+                  location="model.onnx.data" if large else None)
+        for item in built.iterdir():
+            if item.name not in ("model.onnx", "model.onnx.data"):
+                shutil.copy(item, staging / item.name)
+    return {**weight_summary(model), "tied_embedding_shared": shared, "from_recorded_grids": written,
+            "accuracy_level": accuracy_level, "packed_matmuls_split": split}
