@@ -10,7 +10,8 @@ Rows (groups for ``--only``):
   int4 block 32; with block offsets (each block on its own [min, max] grid; the LM head and embedding
   keep integer zero points); and ``--budget-mib 82.5`` (the builder's int4 file size) and 70.1 (15% below
   it), each matrix's bits (2/4/8), block size and offsets chosen by predicted loss; exported with the
-  recorded codes;
+  recorded codes, once in our graph and once in the builder's (``--graph builder``: its fused attention and
+  norms, our MatMulNBits);
 - ``builder``: ``python -m onnxruntime_genai.models.builder -i DENSE -o OUT -p P -e cpu`` from the same dense
   folder: fp32, int8, int4 (its defaults: block 32, symmetric, accuracy level 4), int4 with its best quality
   setting (``algo_config=k_quant matmul_mixed_precision=last_matmul:int8,mixed_layers:int8``), and fp32
@@ -141,6 +142,13 @@ def build_quantized(workdir: Path, args) -> dict[tuple[str, str], Path]:
             export_onnx(str(folder), onnx_dir, layout="genai", weights="int4", block_size=32, overwrite=True)
             log(f"quantized and exported {key[0]} in {time.perf_counter() - tick:.0f} s")
         exports[key] = onnx_dir
+        # The same grids in onnxruntime-genai's builder's graph (fused attention and norms): --graph builder.
+        builder_dir = onnx_dir.with_name(onnx_dir.name + "-builder-graph")
+        if not (builder_dir / "model.onnx").is_file():
+            tick = time.perf_counter()
+            export_onnx(str(folder), builder_dir, weights="int4", overwrite=True, graph="builder")
+            log(f"exported {key[0]} in the builder's graph in {time.perf_counter() - tick:.0f} s")
+        exports[(f"{key[0]}, builder graph", key[1])] = builder_dir
     return exports
 
 

@@ -39,6 +39,8 @@ def quantized_folder(tmp_path_factory):
     budget = reserved_bytes(shapes, fixed_bytes(model, "lm_head")) + (low + uniform) // 2  # some matrices below it
     windows = token_batch(4, 16, seed=9)
     plan, _ = budget_plan(model, windows, budget / MIB, "lm_head", progress=False)
+    # Block offsets on one matrix the builder packs (q/k/v) and one it does not, whatever the plan chose.
+    plan["model.layers.0.self_attn.k_proj"] = plan["model.layers.1.mlp.up_proj"] = GridChoice(4, 32, True)
     grids = quantize_model(model, windows, choices=plan, progress=False)
     root = tmp_path_factory.mktemp("builder-graph")
     save_quantized(model, word_tokenizer()[0], grids, root / "q")
@@ -62,6 +64,7 @@ def test_builder_graph_holds_fused_ops_and_our_codes(quantized_folder, tokens):
     assert metadata["graph"] == "builder" and metadata["quantized"]["from_recorded_grids"] == len(grids)
     assert metadata["quantized"]["packed_matmuls_split"] == model.config.num_hidden_layers  # one qkv per layer
     assert len({(q.bits, q.block_size, q.offsets is not None) for q in grids.values()}) > 1  # mixed grids
+    assert grids["model.layers.0.self_attn.k_proj"].offsets is not None
     graph = onnx.load(str(root / "onnx" / MODEL_FILE)).graph
     ops = collections.Counter(node.op_type for node in graph.node)
     layers = model.config.num_hidden_layers
