@@ -11,7 +11,9 @@ nothing in the graph needs to be ours, only the weights:
    and written as MatMulNBits from its codes; a MatMul the builder packed (q/k/v into one ``qkv_proj``)
    is split into one MatMul per recorded matrix first, joined by a Concat; the embedding, which the
    builder gathers from the tied head's transposed weight, is gathered from the head's 4-bit tensors;
-3. a weight left in float is an error (the builder changed it, so the grids could not be kept).
+3. the rotary cos/sin tables the builder stores (2 MiB on SmolLM2) become nodes computing them, so the file
+   is the size a byte budget planned for our graph (:func:`rotary_tables_in_graph`);
+4. a weight left in float is an error (the builder changed it, so the grids could not be kept).
 
 Low-rank projections and latent caches have no form in the builder's graph: those models keep our export.
 """
@@ -113,6 +115,52 @@ def gather_from_tables(model) -> None:
             model.graph.node.remove(transpose)
 
 
+def rotary_tables_in_graph(graph, model) -> int:
+    """The builder stores GroupQueryAttention's rotary tables (``cos_cache``, ``sin_cache``: context × rotary/2
+    float32 each, 2 MiB on SmolLM2, 2.4% of its 82.5 MiB int4 file) as initializers; our graph computes them.
+    Replaced by nodes that compute them from the model's ``inv_freq`` (Range, Mul, Cos/Sin: transformers' own
+    float32 arithmetic), which ONNX Runtime folds into constants when the session starts, so a byte budget
+    planned for our graph holds here too. Only tables equal to the computed ones (to 1e-6) are replaced.
+    Returns the bytes taken out of the file."""
+    from onnx import helper, numpy_helper
+
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    initializers = {init.name: init for init in graph.graph.initializer}
+    if rotary is None or getattr(rotary, "inv_freq", None) is None or not {"cos_cache", "sin_cache"} <= set(initializers):
+        return 0
+    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    tables = {name: numpy_helper.to_array(initializers[name]) for name in ("cos_cache", "sin_cache")}
+    context, width = tables["cos_cache"].shape
+    if width != inv_freq.size:
+        return 0
+    angles = np.arange(context, dtype=np.float32)[:, None] * inv_freq[None, :]
+    if not all(np.allclose(function(angles) * np.float32(scaling), tables[name], rtol=0, atol=1e-6)
+               for name, function in (("cos_cache", np.cos), ("sin_cache", np.sin))):
+        return 0
+    constants = {"rotary.start": np.float32(0), "rotary.limit": np.float32(context), "rotary.delta": np.float32(1),
+                 "rotary.axes": np.asarray([1], np.int64), "rotary.inv_freq": inv_freq[None, :],
+                 "rotary.scaling": np.float32(scaling)}
+    nodes = [helper.make_node("Range", ["rotary.start", "rotary.limit", "rotary.delta"], ["rotary.positions"]),
+             helper.make_node("Unsqueeze", ["rotary.positions", "rotary.axes"], ["rotary.column"]),
+             helper.make_node("Mul", ["rotary.column", "rotary.inv_freq"], ["rotary.angles"])]
+    for name, op in (("cos_cache", "Cos"), ("sin_cache", "Sin")):
+        if scaling == 1.0:
+            nodes.append(helper.make_node(op, ["rotary.angles"], [name]))
+        else:
+            nodes += [helper.make_node(op, ["rotary.angles"], [f"rotary.{op}"]),
+                      helper.make_node("Mul", [f"rotary.{op}", "rotary.scaling"], [name])]
+    saved = sum(tables[name].nbytes for name in tables)
+    for name in tables:
+        graph.graph.initializer.remove(initializers[name])
+    for name, value in constants.items():
+        graph.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    for position, node in enumerate(nodes):
+        node.name = f"/model/rotary_tables/{node.op_type}_{position}"
+        graph.graph.node.insert(position, node)
+    return saved
+
+
 def float_weight_matmuls(model) -> list[str]:
     """MatMul nodes that still read a 2-D float initializer (weights the grids did not cover; the block sums
     and offsets written beside an offset grid are float by design)."""
@@ -142,9 +190,9 @@ def check_computes_the_model(built: Path, model, tokens: int = 16, tolerance: fl
             f"(max |logit difference| {error:.3g} of {float(np.abs(expected).max()):.3g}): export without --graph builder")
 
 
-def builder_graph(folder: Path, staging: Path, model, grids: dict, accuracy_level: int, progress: bool) -> dict:
+def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_level: int, progress: bool) -> dict:
     """Write ``staging/model.onnx`` (+ the builder's ``genai_config.json`` and tokenizer files): the builder's
-    graph of ``folder`` (checked against ``model``, the folder loaded in PyTorch) with every recorded grid as
+    graph of ``folder`` (checked against ``reference``, the folder loaded in PyTorch) with every recorded grid as
     MatMulNBits. Returns the weight summary."""
     import onnx
 
@@ -153,10 +201,11 @@ def builder_graph(folder: Path, staging: Path, model, grids: dict, accuracy_leve
     with tempfile.TemporaryDirectory(prefix="asvd-builder-", dir=staging.parent) as scratch:
         built = Path(scratch) / "fp32"
         run_builder(folder, built, progress)
-        check_computes_the_model(built, model)
+        check_computes_the_model(built, reference)
         model = onnx.load(str(built / "model.onnx"))
         split = split_packed_matmuls(model, grids)
         gather_from_tables(model)
+        rotary_saved = rotary_tables_in_graph(model, reference)
         written, shared = write_recorded_grids(model, grids, accuracy_level)
         left = float_weight_matmuls(model)
         if written != len(grids) or left:
@@ -174,4 +223,4 @@ def builder_graph(folder: Path, staging: Path, model, grids: dict, accuracy_leve
             if item.name not in ("model.onnx", "model.onnx.data"):
                 shutil.copy(item, staging / item.name)
     return {**weight_summary(model), "tied_embedding_shared": shared, "from_recorded_grids": written,
-            "accuracy_level": accuracy_level, "packed_matmuls_split": split}
+            "accuracy_level": accuracy_level, "packed_matmuls_split": split, "rotary_table_bytes_computed": rotary_saved}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +230,16 @@ def test_byte_budget_plan_fits_its_file_and_runs_in_onnx_runtime(tmp_path):
     torch_ppl = eval_json(str(folder), 3)["ppl"]
     assert abs(ort_ppl - torch_ppl) < 0.03 * torch_ppl, (ort_ppl, torch_ppl)
     assert ort_ppl < 1.5 * DENSE_PPL, ort_ppl
+    # The same codes in onnxruntime-genai's builder's graph (--graph builder: fused attention and norms): the
+    # perplexity of our graph, and onnxruntime-genai generates what our ORT runner generates from it.
+    builder_dir = tmp_path / "q-builder-graph"
+    assert main(["export", "onnx", str(folder), "--out", str(builder_dir), "--weights", "int4", "--graph", "builder"]) == 0
+    runtime = ORTCausalLM(builder_dir)
+    builder_ppl = runtime.perplexity(str(TEST_SPLIT), seqlen=512, windows=3, progress=False)["ppl"]
+    assert abs(builder_ppl - ort_ppl) < 0.005 * ort_ppl, (builder_ppl, ort_ppl)
+    pytest.importorskip("onnxruntime_genai")
+    from exporters import GenAICausalLM
+
+    prompt = np.asarray([[1, 504, 3357, 314]], dtype=np.int64)
+    assert np.array_equal(GenAICausalLM(builder_dir).generate(prompt, max_new_tokens=16),
+                          runtime.generate(prompt, max_new_tokens=16))

@@ -75,6 +75,16 @@ def test_builder_graph_holds_fused_ops_and_our_codes(quantized_folder, tokens):
                      and not n.input[1].endswith(("_block_offsets", "_block_indicator"))]
     assert not float_weights
     assert (root / "onnx" / "genai_config.json").is_file() and (root / "onnx" / "tokenizer.json").is_file()
+    # A byte budget planned for our graph holds in this one: the builder's rotary tables are computed in the
+    # graph (Range, Mul, Cos/Sin), not stored.
+    from asvd_passes.quantization.plan import GRAPH_RESERVE, GridChoice, fixed_bytes, indicator_bytes, planned_shapes
+
+    assert metadata["quantized"]["rotary_table_bytes_computed"] == 2 * 128 * 8 * 4  # 2 tables, 128 positions × 8
+    assert ops["Cos"] == ops["Sin"] == 1 and not {"cos_cache", "sin_cache"} & {i.name for i in graph.initializer}
+    shapes = planned_shapes(model, "lm_head")
+    chosen = {n: GridChoice(q.bits, q.block_size, q.offsets is not None) for n, q in grids.items()}
+    predicted = sum(q.nbytes() for q in grids.values()) + indicator_bytes(shapes, chosen) + fixed_bytes(model, "lm_head")
+    assert (root / "onnx" / MODEL_FILE).stat().st_size <= predicted + GRAPH_RESERVE
 
     ids = tokens(2, 12, seed=4)
     assert_ort_computes_the_grid(model, root / "onnx", ids)  # float compute from here on
