@@ -231,12 +231,14 @@ def test_byte_budget_plan_fits_its_file_and_runs_in_onnx_runtime(tmp_path):
     assert abs(ort_ppl - torch_ppl) < 0.03 * torch_ppl, (ort_ppl, torch_ppl)
     assert ort_ppl < 1.5 * DENSE_PPL, ort_ppl
     # The same codes in onnxruntime-genai's builder's graph (--graph builder: fused attention and norms): the
-    # perplexity of our graph, and onnxruntime-genai generates what our ORT runner generates from it.
+    # perplexity of our graph (within 1%: int8 activation rounding flips with any change of float order), and
+    # onnxruntime-genai generates what our ORT runner generates from it.
     builder_dir = tmp_path / "q-builder-graph"
     assert main(["export", "onnx", str(folder), "--out", str(builder_dir), "--weights", "int4", "--graph", "builder"]) == 0
+    assert sum(f.stat().st_size for f in builder_dir.glob(f"{MODEL_FILE}*")) <= 70.1 * 2**20  # the budget holds here too
     runtime = ORTCausalLM(builder_dir)
     builder_ppl = runtime.perplexity(str(TEST_SPLIT), seqlen=512, windows=3, progress=False)["ppl"]
-    assert abs(builder_ppl - ort_ppl) < 0.005 * ort_ppl, (builder_ppl, ort_ppl)
+    assert abs(builder_ppl - ort_ppl) < 0.01 * ort_ppl, (builder_ppl, ort_ppl)  # accuracy level 4 rounds activations
     pytest.importorskip("onnxruntime_genai")
     from exporters import GenAICausalLM
 
