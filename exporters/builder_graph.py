@@ -9,7 +9,8 @@ nothing in the graph needs to be ours, only the weights:
 1. the builder builds its fp32 graph from the folder (the float weights are exactly on their grids);
 2. each float MatMul is found by value among the recorded grids (:func:`exporters.quantize.write_recorded_grids`)
    and written as MatMulNBits from its codes; a MatMul the builder packed (q/k/v into one ``qkv_proj``)
-   is split into one MatMul per recorded matrix first, joined by a Concat; the embedding, which the
+   is split into one MatMul per recorded matrix first, joined by a Concat, and packed again as one MatMulNBits
+   where the matrices share a grid (the builder's single q/k/v kernel call); the embedding, which the
    builder gathers from the tied head's transposed weight, is gathered from the head's 4-bit tensors;
 3. the rotary cos/sin tables the builder stores (2 MiB on SmolLM2) become nodes computing them, so the file
    is the size a byte budget planned for our graph (:func:`rotary_tables_in_graph`);
@@ -94,6 +95,39 @@ def split_packed_matmuls(model, grids: dict) -> int:
         model.graph.initializer.remove(initializers.pop(node.input[1]))
         split += 1
     return split
+
+
+def merge_split_matmuls(model) -> int:
+    """Undo a split where its matrices landed on one grid: MatMulNBits nodes that read one input with the same
+    bits, block size and accuracy level and feed one Concat become one MatMulNBits over their rows stacked
+    (codes, scales and zero points all lead with N), as the builder packs q/k/v: one kernel call, no Concat.
+    Returns how many Concats were merged away."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    merged = 0
+    for concat in [node for node in model.graph.node if node.op_type == "Concat" and node.name.endswith(".concat")]:
+        parts = [producers.get(name) for name in concat.input]
+        if not all(p is not None and p.op_type == "MatMulNBits" and len(p.input) == 4 for p in parts):
+            continue  # a part with block offsets ends in an Add
+        attributes = [{a.name: helper.get_attribute_value(a) for a in p.attribute if a.name != "N"} for p in parts]
+        if len({p.input[0] for p in parts}) != 1 or any(a != attributes[0] for a in attributes):
+            continue
+        stem = concat.name[: -len(".concat")]
+        names = [f"{stem}.merged_{suffix}" for suffix in ("Q", "scales", "zero_points")]
+        for slot, name in enumerate(names, start=1):
+            stacked = np.concatenate([numpy_helper.to_array(initializers[p.input[slot]]) for p in parts], axis=0)
+            model.graph.initializer.append(numpy_helper.from_array(stacked, name))
+        n = sum(helper.get_attribute_value(next(a for a in p.attribute if a.name == "N")) for p in parts)
+        node = helper.make_node("MatMulNBits", [parts[0].input[0], *names], list(concat.output), name=f"{stem}.merged",
+                                domain="com.microsoft", N=n, **attributes[0])
+        position = list(model.graph.node).index(concat)
+        model.graph.node.insert(position, node)
+        for old in [*parts, concat]:
+            model.graph.node.remove(old)
+        merged += 1
+    return merged
 
 
 def gather_from_tables(model) -> None:
@@ -207,6 +241,7 @@ def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_
         gather_from_tables(model)
         rotary_saved = rotary_tables_in_graph(model, reference)
         written, shared = write_recorded_grids(model, grids, accuracy_level)
+        merged = merge_split_matmuls(model)
         left = float_weight_matmuls(model)
         if written != len(grids) or left:
             raise InvalidInputError(
@@ -223,4 +258,5 @@ def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_
             if item.name not in ("model.onnx", "model.onnx.data"):
                 shutil.copy(item, staging / item.name)
     return {**weight_summary(model), "tied_embedding_shared": shared, "from_recorded_grids": written,
-            "accuracy_level": accuracy_level, "packed_matmuls_split": split, "rotary_table_bytes_computed": rotary_saved}
+            "accuracy_level": accuracy_level, "packed_matmuls_split": split,
+            "split_matmuls_merged_again": merged, "rotary_table_bytes_computed": rotary_saved}

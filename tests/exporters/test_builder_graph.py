@@ -41,6 +41,9 @@ def quantized_folder(tmp_path_factory):
     plan, _ = budget_plan(model, windows, budget / MIB, "lm_head", progress=False)
     # Block offsets on one matrix the builder packs (q/k/v) and one it does not, whatever the plan chose.
     plan["model.layers.0.self_attn.k_proj"] = plan["model.layers.1.mlp.up_proj"] = GridChoice(4, 32, True)
+    # Layer 1's q/k/v on one grid: packed again into one MatMulNBits (layer 0's stay three: k has offsets).
+    for role in "qkv":
+        plan[f"model.layers.1.self_attn.{role}_proj"] = GridChoice(4, 32)
     grids = quantize_model(model, windows, choices=plan, progress=False)
     root = tmp_path_factory.mktemp("builder-graph")
     save_quantized(model, word_tokenizer()[0], grids, root / "q")
@@ -49,7 +52,7 @@ def quantized_folder(tmp_path_factory):
 
 def test_builder_graph_holds_fused_ops_and_our_codes(quantized_folder, tokens):
     """The builder's fused decoder, every recorded grid as MatMulNBits (q/k/v, which the builder packs, split
-    per matrix), no float weight left; with MatMulNBits set to float compute, ORT's logits are PyTorch's, and
+    per matrix and packed again where they share a grid), no float weight left; with MatMulNBits set to float compute, ORT's logits are PyTorch's, and
     stepping the cache (ORT and onnxruntime-genai) gives PyTorch's greedy tokens."""
     import onnx
 
@@ -69,7 +72,8 @@ def test_builder_graph_holds_fused_ops_and_our_codes(quantized_folder, tokens):
     ops = collections.Counter(node.op_type for node in graph.node)
     layers = model.config.num_hidden_layers
     assert ops["GroupQueryAttention"] == layers and ops["SkipSimplifiedLayerNormalization"] >= 2 * layers - 1
-    assert ops["MatMulNBits"] == len(grids) and ops["GatherBlockQuantized"] == 1  # the tied embedding
+    assert metadata["quantized"]["split_matmuls_merged_again"] == 1 and ops["Concat"] == 1  # layer 1's, layer 0's
+    assert ops["MatMulNBits"] == len(grids) - 2 and ops["GatherBlockQuantized"] == 1  # the tied embedding
     initializers = {init.name for init in graph.initializer}
     float_weights = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers
                      and not n.input[1].endswith(("_block_offsets", "_block_indicator"))]
