@@ -62,7 +62,7 @@ def self_generated_windows(model, tokenizer, samples: int, seqlen: int, seed: in
     Plain sampling (temperature 1, no top-k/p), EOS suppressed so every window is ``seqlen`` tokens.
     A decode loop of our own rather than ``generate``: on a 2-core CPU ``generate``'s
     ``torch.multinomial`` and its cache's per-step ``torch.cat`` (a copy of the whole cache per layer
-    and step) were 14 s of SmolLM2's 52; inverse-CDF sampling and a preallocated cache take 37 s.
+    and step) were 14 s of SmolLM2's 52; inverse-CDF sampling and a preallocated cache take 38 s.
     """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:

@@ -21,7 +21,6 @@ Low-rank projections and latent caches have no form in the builder's graph: thos
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -49,19 +48,17 @@ def run_builder(folder: Path, out: Path, progress: bool) -> None:
         raise InvalidInputError(f"onnxruntime-genai's model builder could not build {folder}: " + " | ".join(tail))
 
 
-def _key(array: np.ndarray):
-    return array.shape, hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
-
-
 def split_packed_matmuls(model, grids: dict) -> int:
     """A MatMul whose weight columns are several recorded matrices side by side (the builder's packed
     q/k/v) becomes one MatMul per matrix and a Concat of their outputs. Returns how many were split."""
     from onnx import helper, numpy_helper
 
+    from .quantize import value_key
+
     transposed = {}
     for q in grids.values():
         weight = np.ascontiguousarray(q.dequantize().T.numpy())
-        transposed[_key(weight)] = weight.shape[1]
+        transposed[value_key(weight)] = weight.shape[1]
     widths = sorted({w for w in transposed.values()}, reverse=True)
     initializers = {init.name: init for init in model.graph.initializer}
     split = 0
@@ -69,12 +66,12 @@ def split_packed_matmuls(model, grids: dict) -> int:
         if node.op_type != "MatMul" or node.input[1] not in initializers:
             continue
         weight = numpy_helper.to_array(initializers[node.input[1]])
-        if weight.ndim != 2 or _key(weight) in transposed:
+        if weight.ndim != 2 or value_key(weight) in transposed:
             continue
         parts, start = [], 0
         while start < weight.shape[1]:
             width = next((w for w in widths if start + w <= weight.shape[1]
-                          and _key(weight[:, start:start + w]) in transposed), None)
+                          and value_key(weight[:, start:start + w]) in transposed), None)
             if width is None:
                 break
             parts.append((start, width))
@@ -224,10 +221,10 @@ def check_computes_the_model(built: Path, model, tokens: int = 16, tolerance: fl
             f"(max |logit difference| {error:.3g} of {float(np.abs(expected).max()):.3g}): export without --graph builder")
 
 
-def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_level: int, progress: bool) -> dict:
+def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_level: int, progress: bool):
     """Write ``staging/model.onnx`` (+ the builder's ``genai_config.json`` and tokenizer files): the builder's
     graph of ``folder`` (checked against ``reference``, the folder loaded in PyTorch) with every recorded grid as
-    MatMulNBits. Returns the weight summary."""
+    MatMulNBits. Returns (the weight summary, the written ONNX model)."""
     import onnx
 
     from .quantize import weight_summary, write_recorded_grids
@@ -257,6 +254,7 @@ def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_
         for item in built.iterdir():
             if item.name not in ("model.onnx", "model.onnx.data"):
                 shutil.copy(item, staging / item.name)
-    return {**weight_summary(model), "tied_embedding_shared": shared, "from_recorded_grids": written,
-            "accuracy_level": accuracy_level, "packed_matmuls_split": split,
-            "split_matmuls_merged_again": merged, "rotary_table_bytes_computed": rotary_saved}
+    summary = {**weight_summary(model), "tied_embedding_shared": shared, "from_recorded_grids": written,
+               "accuracy_level": accuracy_level, "packed_matmuls_split": split,
+               "split_matmuls_merged_again": merged, "rotary_table_bytes_computed": rotary_saved}
+    return summary, model

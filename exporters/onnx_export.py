@@ -356,8 +356,8 @@ def export_onnx(
     check_quantizable(model, weights)
     if graph == "builder":
         _check_builder_graph(model, model_or_path, weights, grids)
-        return _export_builder_graph(model, tokenizer, Path(model_or_path), Path(out_dir), weights, grids, progress,
-                                     overwrite, inputs)
+        return _export_builder_graph(model, Path(model_or_path), Path(out_dir), weights, grids, progress, overwrite,
+                                     inputs)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with _prepared(model, device, torch_dtype):
         return _export(model, tokenizer, Path(out_dir), opset, dtype, fold_value, absorb_key, layout, weights,
@@ -458,10 +458,9 @@ def _check_builder_graph(model: nn.Module, source, weights: str, grids: dict | N
         raise InvalidInputError(f"the folder's recorded grids are {sorted(bits)}-bit; --weights {weights} does not describe them")
 
 
-def _export_builder_graph(model, tokenizer, folder: Path, out_dir: Path, weights: str, grids: dict, progress: bool,
+def _export_builder_graph(model, folder: Path, out_dir: Path, weights: str, grids: dict, progress: bool,
                           overwrite: bool, inputs) -> ExportMetadata:
-    import onnx
-
+    """The builder's graph with our grids (:mod:`exporters.builder_graph`; its tokenizer files come with it)."""
     from asvd_passes.serialization import atomic_directory
 
     from .builder_graph import builder_graph
@@ -470,8 +469,7 @@ def _export_builder_graph(model, tokenizer, folder: Path, out_dir: Path, weights
     with atomic_directory(out_dir, overwrite, METADATA_FILE, inputs) as staging:
         staging = Path(staging)
         _progress(progress, "building onnxruntime-genai's decoder graph and writing the recorded grids into it")
-        quantized = builder_graph(folder, staging, model, grids, CPU_ACCURACY_LEVEL, progress)
-        proto = onnx.load(str(staging / MODEL_FILE), load_external_data=False)
+        quantized, proto = builder_graph(folder, staging, model, grids, CPU_ACCURACY_LEVEL, progress)
         names = [i.name for i in proto.graph.input]
         outputs = [o.name for o in proto.graph.output]
         config = model.config

@@ -130,6 +130,14 @@ def quantize_onnx(path: str | Path, bits: int, block_size: int, external_data: b
             "accuracy_level": accuracy_level}
 
 
+def value_key(array: np.ndarray) -> tuple:
+    """What identifies a weight by value: its shape and a digest of its bytes (matrices are found by value
+    because the export names initializers its own way)."""
+    import hashlib
+
+    return array.shape, hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+
+
 def write_recorded_grids(model, grids: dict, accuracy_level: int = CPU_ACCURACY_LEVEL) -> tuple[int, bool]:
     """Replace each MatMul whose weight is a recorded grid's dequantized matrix by MatMulNBits with its codes.
 
@@ -138,14 +146,11 @@ def write_recorded_grids(model, grids: dict, accuracy_level: int = CPU_ACCURACY_
     names them (``<weight>_Q4`` …). An embedding tied to a recorded head reads the head's 4-bit
     tensors. Returns (matrices written, whether an embedding shares them).
     """
-    import hashlib
-
     from onnx import helper, numpy_helper
 
     from asvd_passes.quantization import packed
 
-    key = lambda array: (array.shape, hashlib.blake2b(array.tobytes(), digest_size=16).digest())  # noqa: E731
-    by_value = {key(np.ascontiguousarray(q.dequantize().T.numpy())): q for q in grids.values()}
+    by_value = {value_key(q.dequantize().T.numpy()): q for q in grids.values()}
     initializers = {init.name: init for init in model.graph.initializer}
     replaced, stems = set(), {}
     for node in list(model.graph.node):
@@ -154,7 +159,7 @@ def write_recorded_grids(model, grids: dict, accuracy_level: int = CPU_ACCURACY_
         init = initializers[node.input[1]]
         if init.data_type != 1 or len(init.dims) != 2:
             continue
-        q = by_value.get(key(numpy_helper.to_array(init)))
+        q = by_value.get(value_key(numpy_helper.to_array(init)))
         if q is None:
             continue
         weight = stems.setdefault(id(q), node.input[1])
@@ -176,7 +181,7 @@ def write_recorded_grids(model, grids: dict, accuracy_level: int = CPU_ACCURACY_
         for position, new in enumerate(written):
             model.graph.node.insert(index + position, new)
         replaced.add(node.input[1])
-    tables = _gather_from_recorded_grids(model, grids, initializers, key, stems)
+    tables = _gather_from_recorded_grids(model, grids, initializers, stems)
     replaced |= tables
     readers = {i for node in model.graph.node for i in node.input}
     for name in replaced - readers:
@@ -222,13 +227,13 @@ def _block_offset_nodes(node, q, nbits_output: str, weight: str, initializers: d
     return nodes
 
 
-def _gather_from_recorded_grids(model, grids: dict, initializers: dict, key, stems: dict) -> set[str]:
+def _gather_from_recorded_grids(model, grids: dict, initializers: dict, stems: dict) -> set[str]:
     """An embedding table that is a recorded 4-bit grid's weight (a head tied to it) → ``GatherBlockQuantized``
     reading that grid's MatMulNBits tensors through ``Reshape``: one 4-bit table in the file, as in the
     float model. Returns the float tables it replaced."""
     from onnx import helper, numpy_helper
 
-    tables = {key(np.ascontiguousarray(q.dequantize().numpy())): q for q in grids.values()
+    tables = {value_key(q.dequantize().numpy()): q for q in grids.values()
               if q.bits == 4 and q.shape[1] % q.block_size == 0}
     replaced = set()
     for node in list(model.graph.node):
@@ -238,7 +243,7 @@ def _gather_from_recorded_grids(model, grids: dict, initializers: dict, key, ste
         if init.data_type != 1 or len(init.dims) != 2 or helper.get_attribute_value(
                 next((a for a in node.attribute if a.name == "axis"), helper.make_attribute("axis", 0))) != 0:
             continue
-        q = tables.get(key(numpy_helper.to_array(init)))
+        q = tables.get(value_key(numpy_helper.to_array(init)))
         if q is None or id(q) not in stems:  # the head's MatMulNBits tensors are the ones to share
             continue
         stem = stems[id(q)]
