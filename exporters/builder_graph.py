@@ -2,8 +2,8 @@
 
 The builder writes a decoder with ONNX Runtime's fused kernels: ``GroupQueryAttention`` (rotary inside),
 ``SkipSimplifiedLayerNormalization``, ``MatMulNBits``. Our own export (torch.onnx, dynamo) spells attention,
-RoPE and the norms out in primitive ops and decodes at 0.68x / 0.82x (128 / 2048 tokens) the builder's int4. For a dense
-model on MatMulNBits grids (what ``asvd quantize`` writes: GPTQ codes, a byte-budget plan, block offsets)
+RoPE and the norms out in primitive ops and decodes at 0.68x / 0.82x the builder's int4 (128 / 2048 tokens
+of context). For a dense model on MatMulNBits grids (what ``asvd quantize`` writes: GPTQ codes, a byte-budget plan, block offsets)
 nothing in the graph needs to be ours, only the weights:
 
 1. the builder builds its fp32 graph from the folder (the float weights are exactly on their grids);
