@@ -495,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="onnxruntime-genai layout: 4-D cache, K/V latents packed into equal-width slots, genai_config.json")
     onnx.add_argument("--graph", choices=["asvd", "builder"], default="asvd",
                       help="asvd: our export (any model we compress); builder: onnxruntime-genai's model builder's "
-                           "graph (fused attention, its decode speed) with the grids `asvd quantize` recorded "
-                           "(a dense quantized folder, --weights int4|int8)")
+                           "graph (fused attention, its decode speed) with our weights: a dense or low-rank folder "
+                           "in fp32, or on the grids `asvd quantize` recorded (--weights int4|int8); no latent KV cache")
     onnx.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the export traces on")
     onnx.add_argument("--fold-value", choices=["always", "never"], default="always",
                       help="attend over the V latent then apply V's up (always), or rebuild V (never)")

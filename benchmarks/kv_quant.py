@@ -97,7 +97,7 @@ def main() -> int:
             if bits is not None:
                 quantized = ASVDConfig(param_ratio=None, kv_ratio=ratio, kv_bits=bits, kv_quant_granularity=granularity,
                                        kv_quant_rotate=rotate, **calib)
-                WholeModelPipeline(model, False).calibrate_kv_quantizers(analysis.windows, quantized)
+                WholeModelPipeline(model, False).calibrate_kv_quantizers(analysis.windows, quantized, bits)
             result = perplexity(model, tokenizer, test, args.seqlen, args.windows, progress=False)
             rows.append(dict(ratio=ratio, achieved=report.kv["kv_ratio"], key_ratio=report.kv["key_ratio"],
                              bits=bits or 32, granularity=granularity, rotate=rotate, ppl=result["ppl"],

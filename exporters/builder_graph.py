@@ -1,22 +1,27 @@
-"""Our recorded N-bit weights in onnxruntime-genai's model builder's decoder graph (``--graph builder``).
+"""Our models in onnxruntime-genai's model builder's decoder graph (``--graph builder``).
 
 The builder writes a decoder with ONNX Runtime's fused kernels: ``GroupQueryAttention`` (rotary inside),
 ``SkipSimplifiedLayerNormalization``, ``MatMulNBits``. Our own export (torch.onnx, dynamo) spells attention,
 RoPE and the norms out in primitive ops and decodes at 0.68x / 0.82x the builder's int4 (128 / 2048 tokens
-of context). For a dense model on MatMulNBits grids (what ``asvd quantize`` writes: GPTQ codes, a byte-budget plan, block offsets)
-nothing in the graph needs to be ours, only the weights:
+of context). Where our compression changes only the weights (a dense or low-rank model in float, GPTQ codes,
+a byte-budget plan, block offsets), nothing in the graph needs to be ours:
 
-1. the builder builds its fp32 graph from the folder (the float weights are exactly on their grids);
-2. each float MatMul is found by value among the recorded grids (:func:`exporters.quantize.write_recorded_grids`)
-   and written as MatMulNBits from its codes; a MatMul the builder packed (q/k/v into one ``qkv_proj``)
-   is split into one MatMul per recorded matrix first, joined by a Concat, and packed again as one MatMulNBits
-   where the matrices share a grid (the builder's single q/k/v kernel call); the embedding, which the
-   builder gathers from the tied head's transposed weight, is gathered from the head's 4-bit tensors;
-3. the rotary cos/sin tables the builder stores (2 MiB on SmolLM2) become nodes computing them, so the file
+1. the builder builds its fp32 graph from the folder (the float weights are exactly on their grids); a low-rank
+   model is first written as a plain checkpoint with each projection's dense product (:func:`write_dense_folder`);
+2. the graph is checked against transformers' logits (a configuration the builder reads differently is refused);
+3. each MatMul is found by value: a MatMul the builder packed (q/k/v into one ``qkv_proj``) is split into one
+   MatMul per matrix where one of them is written its own way; a low-rank projection becomes its two thin MatMuls
+   (:func:`low_rank_matmuls`); each recorded grid (:func:`exporters.quantize.write_recorded_grids`) becomes
+   MatMulNBits from its codes, packed again where q/k/v share a grid (the builder's single kernel call); the
+   embedding, which the builder gathers from the tied head's transposed weight, is gathered from the head's
+   4-bit tensors;
+4. the rotary cos/sin tables the builder stores (2 MiB on SmolLM2) become nodes computing them, so the file
    is the size a byte budget planned for our graph (:func:`rotary_tables_in_graph`);
-4. a weight left in float is an error (the builder changed it, so the grids could not be kept).
+5. a quantized export with a weight left in float is an error (the builder changed it, so the grids could not
+   be kept); a float export is checked against transformers again.
 
-Low-rank projections and latent caches have no form in the builder's graph: those models keep our export.
+A latent KV cache has no form in the builder's graph (its attention reads a dense cache): those models keep
+our export.
 """
 
 from __future__ import annotations
@@ -48,18 +53,16 @@ def run_builder(folder: Path, out: Path, progress: bool) -> None:
         raise InvalidInputError(f"onnxruntime-genai's model builder could not build {folder}: " + " | ".join(tail))
 
 
-def split_packed_matmuls(model, grids: dict) -> int:
-    """A MatMul whose weight columns are several recorded matrices side by side (the builder's packed
-    q/k/v) becomes one MatMul per matrix and a Concat of their outputs. Returns how many were split."""
+def split_packed_matmuls(model, matrices: dict, needed: set) -> int:
+    """A MatMul whose weight columns are several of ``matrices`` ({name: out × in array}) side by side (the
+    builder's packed q/k/v) becomes one MatMul per matrix and a Concat of their outputs, where one of them is in
+    ``needed`` (a recorded grid or a low-rank projection: written its own way). Returns how many were split."""
     from onnx import helper, numpy_helper
 
     from .quantize import value_key
 
-    transposed = {}
-    for q in grids.values():
-        weight = np.ascontiguousarray(q.dequantize().T.numpy())
-        transposed[value_key(weight)] = weight.shape[1]
-    widths = sorted({w for w in transposed.values()}, reverse=True)
+    transposed = {value_key(np.ascontiguousarray(w.T)): name for name, w in matrices.items()}
+    widths = sorted({w.shape[0] for w in matrices.values()}, reverse=True)
     initializers = {init.name: init for init in model.graph.initializer}
     split = 0
     for node in list(model.graph.node):
@@ -74,12 +77,12 @@ def split_packed_matmuls(model, grids: dict) -> int:
                           and value_key(weight[:, start:start + w]) in transposed), None)
             if width is None:
                 break
-            parts.append((start, width))
+            parts.append((start, width, transposed[value_key(weight[:, start:start + width])]))
             start += width
-        if start != weight.shape[1] or len(parts) < 2:
+        if start != weight.shape[1] or len(parts) < 2 or not any(name in needed for *_, name in parts):
             continue
         new, outputs = [], []
-        for index, (begin, width) in enumerate(parts):
+        for index, (begin, width, _) in enumerate(parts):
             name = f"{node.input[1]}.part{index}"
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, begin:begin + width]), name))
             outputs.append(f"{node.output[0]}.part{index}")
@@ -92,6 +95,49 @@ def split_packed_matmuls(model, grids: dict) -> int:
         model.graph.initializer.remove(initializers.pop(node.input[1]))
         split += 1
     return split
+
+
+def low_rank_matmuls(model, factored: dict) -> int:
+    """Each MatMul whose weight is a low-rank projection's matrix (found by value; ``factored``: {name:
+    (its out × in matrix as the builder read it, the ``LowRankLinear``)}) becomes the projection's two thin
+    MatMuls, x·Dᵀ then ·Uᵀ; the interpolative form then puts its r kept rows and the rest back in order
+    (Concat, Gather). A bias stays the builder's Add after them. Returns how many were written."""
+    from onnx import helper, numpy_helper
+
+    from .quantize import value_key
+
+    by_value = {value_key(np.ascontiguousarray(w.T)): module for w, module in factored.values()}
+    initializers = {init.name: init for init in model.graph.initializer}
+    written = 0
+    for node in list(model.graph.node):
+        init = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if init is None or len(init.dims) != 2:
+            continue
+        module = by_value.get(value_key(numpy_helper.to_array(init)))
+        if module is None:
+            continue
+        stem, output = node.input[1], node.output[0]
+        tensors = {f"{stem}.down": module.down.weight, f"{stem}.up": module.up.weight}
+        for name, weight in tensors.items():
+            array = np.ascontiguousarray(weight.detach().float().cpu().numpy().T)
+            model.graph.initializer.append(numpy_helper.from_array(array, name))
+        skeleton = f"{output}.down"
+        nodes = [helper.make_node("MatMul", [node.input[0], f"{stem}.down"], [skeleton], name=f"{node.name}.down")]
+        if not module.interpolative:
+            nodes.append(helper.make_node("MatMul", [skeleton, f"{stem}.up"], [output], name=f"{node.name}.up"))
+        else:
+            rows = f"{stem}.rows"
+            model.graph.initializer.append(numpy_helper.from_array(module.rows.cpu().numpy().astype(np.int64), rows))
+            nodes += [helper.make_node("MatMul", [skeleton, f"{stem}.up"], [f"{output}.up"], name=f"{node.name}.up"),
+                      helper.make_node("Concat", [skeleton, f"{output}.up"], [f"{output}.rows"], name=f"{node.name}.join",
+                                       axis=-1),
+                      helper.make_node("Gather", [f"{output}.rows", rows], [output], name=f"{node.name}.order", axis=-1)]
+        position = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for offset, item in enumerate(nodes):
+            model.graph.node.insert(position + offset, item)
+        written += 1
+    return written
 
 
 def merge_split_matmuls(model) -> int:
@@ -221,29 +267,86 @@ def check_computes_the_model(built: Path, model, tokens: int = 16, tolerance: fl
             f"(max |logit difference| {error:.3g} of {float(np.abs(expected).max()):.3g}): export without --graph builder")
 
 
-def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_level: int, progress: bool):
+def low_rank_projections(model) -> dict:
+    """{name: (its out × in matrix, the ``LowRankLinear``)} of every low-rank projection, each product computed once
+    (the dense folder the builder reads and the search by value must hold the same bytes)."""
+    from asvd_passes.modules import LowRankLinear
+
+    return {name: (module.weight.detach().float().cpu().contiguous(), module)
+            for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+
+
+def write_dense_folder(model, factored: dict, folder: Path, out: Path) -> None:
+    """``out``: ``model`` as a plain checkpoint of its family, each low-rank projection as its dense matrix (what
+    the builder can read; it knows no low-rank layer), the tokenizer and generation files of ``folder`` beside it.
+    Written only for low-rank models; a dense folder is read by the builder as it is."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    inner = tuple(f"{name}." for name in factored)
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if key.startswith(inner) or tensor.untyped_storage().data_ptr() in seen:  # factors; a tied head (one tensor)
+            continue
+        seen.add(tensor.untyped_storage().data_ptr())
+        state[key] = tensor.detach().float().cpu().contiguous()
+    for name, (weight, module) in factored.items():
+        state[f"{name}.weight"] = weight
+        bias = module.bias if module.interpolative else module.up.bias
+        if bias is not None:
+            state[f"{name}.bias"] = bias.detach().float().cpu().contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours: the builder would look for a quantized checkpoint loader
+    config.dtype = "float32"
+    config.save_pretrained(out)
+    for item in folder.iterdir():
+        if item.is_file() and item.suffix not in (".safetensors", ".bin", ".pt", ".gguf") and item.name != "config.json" \
+                and not item.name.endswith(".index.json"):
+            shutil.copy(item, out / item.name)
+
+
+def builder_graph(folder: Path, staging: Path, reference, grids: dict | None, accuracy_level: int, progress: bool):
     """Write ``staging/model.onnx`` (+ the builder's ``genai_config.json`` and tokenizer files): the builder's
-    graph of ``folder`` (checked against ``reference``, the folder loaded in PyTorch) with every recorded grid as
-    MatMulNBits. Returns (the weight summary, the written ONNX model)."""
+    graph of ``folder`` (checked against ``reference``, the folder loaded in PyTorch) with every low-rank projection
+    as its two MatMuls and every recorded grid as MatMulNBits (``grids`` None: float weights).
+    Returns (the weight summary, the written ONNX model)."""
     import onnx
+    from torch import nn
 
     from .quantize import weight_summary, write_recorded_grids
 
+    grids = grids or {}
+    factored = low_rank_projections(reference)
+    inside = tuple(f"{name}." for name in factored)
+    matrices = {name: module.weight.detach().float().cpu().numpy() for name, module in reference.named_modules()
+                if type(module) is nn.Linear and not name.startswith(inside)}
+    matrices.update({name: weight.numpy() for name, (weight, _) in factored.items()})
     with tempfile.TemporaryDirectory(prefix="asvd-builder-", dir=staging.parent) as scratch:
+        source = folder
+        if factored:
+            source = Path(scratch) / "dense"
+            write_dense_folder(reference, factored, folder, source)
         built = Path(scratch) / "fp32"
-        run_builder(folder, built, progress)
+        run_builder(source, built, progress)
         check_computes_the_model(built, reference)
         model = onnx.load(str(built / "model.onnx"))
-        split = split_packed_matmuls(model, grids)
-        gather_from_tables(model)
+        split = split_packed_matmuls(model, matrices, set(grids) | set(factored))
+        lowrank = low_rank_matmuls(model, factored)
+        if grids:
+            gather_from_tables(model)
         rotary_saved = rotary_tables_in_graph(model, reference)
-        written, shared = write_recorded_grids(model, grids, accuracy_level)
+        written, shared = write_recorded_grids(model, grids, accuracy_level) if grids else (0, False)
         merged = merge_split_matmuls(model)
         left = float_weight_matmuls(model)
-        if written != len(grids) or left:
+        if lowrank != len(factored) or written != len(grids) or grids and left:
             raise InvalidInputError(
-                f"the builder's graph of {folder} holds weights that are not the folder's recorded grids "
-                f"({written} of {len(grids)} grids found; float MatMuls left: {left[:3]}); export without --graph builder")
+                f"the builder's graph of {folder} holds weights that are not the folder's ({lowrank} of {len(factored)} "
+                f"low-rank projections and {written} of {len(grids)} recorded grids found; float MatMuls left: "
+                f"{left[:3] if grids else []}); export without --graph builder")
         readers = {name for node in model.graph.node for name in node.input}
         unread = [init for init in model.graph.initializer if init.name not in readers]
         for init in unread:
@@ -254,7 +357,12 @@ def builder_graph(folder: Path, staging: Path, reference, grids: dict, accuracy_
         for item in built.iterdir():
             if item.name not in ("model.onnx", "model.onnx.data"):
                 shutil.copy(item, staging / item.name)
-    summary = {**weight_summary(model), "tied_embedding_shared": shared, "from_recorded_grids": written,
-               "accuracy_level": accuracy_level, "packed_matmuls_split": split,
-               "split_matmuls_merged_again": merged, "rotary_table_bytes_computed": rotary_saved}
+    if not grids:
+        check_computes_the_model(staging, reference)  # float weights: our rewrite computes what the model computes
+    summary = {key: value for key, value in weight_summary(model).items() if grids or not isinstance(value, list)}
+    summary.update({"low_rank_projections": lowrank, "packed_matmuls_split": split,
+                    "rotary_table_bytes_computed": rotary_saved})  # a float export lists no float weight by name
+    if grids:
+        summary.update({"tied_embedding_shared": shared, "from_recorded_grids": written,
+                        "accuracy_level": accuracy_level, "split_matmuls_merged_again": merged})
     return summary, model

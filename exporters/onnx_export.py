@@ -309,8 +309,9 @@ def export_onnx(
     grid (``asvd quantize``); written from their own codes and scales, not rounded again. A folder
     that ``asvd quantize`` wrote brings its own (its ``asvd_nbits.safetensors``).
     ``graph``: ``asvd`` (our torch.onnx export: any model we compress), or ``builder``: onnxruntime-genai's
-    model builder's decoder graph (fused attention and norms, its decode speed) carrying the folder's recorded
-    int8/int4 grids, for a dense folder that ``asvd quantize`` wrote (:mod:`exporters.builder_graph`).
+    model builder's decoder graph (fused attention and norms, its decode speed) carrying the folder's weights:
+    a dense or low-rank model in fp32, or the int8/int4 grids ``asvd quantize`` recorded; no latent KV cache
+    (:mod:`exporters.builder_graph`).
     A model object passed in is moved to ``device``/``dtype``, put in eval mode with eager attention
     for the export, and given back as it was (same tensors, modes and attention), also when the
     export fails.
@@ -440,27 +441,29 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
 
 
 def _check_builder_graph(model: nn.Module, source, weights: str, grids: dict | None) -> None:
-    """What ``graph="builder"`` can carry: a dense model folder with recorded int8/int4 grids (checked before work)."""
+    """What ``graph="builder"`` can carry (checked before work): a folder of a dense or low-rank model, in fp32 or on
+    the int8/int4 grids that ``asvd quantize`` recorded; no latent KV cache."""
     from asvd_passes.kv import LatentKVAttention
-    from asvd_passes.modules import LowRankLinear
 
     if isinstance(source, nn.Module) or source is None:
         raise InvalidInputError("--graph builder exports a folder (the builder reads it from disk): save the model first")
-    if weights not in ("int8", "int4") or not grids:
+    if weights == "fp16":
+        raise InvalidInputError("--graph builder writes fp32 graphs (or int8/int4 from recorded grids): use --weights fp32")
+    if weights in ("int8", "int4") and not grids:
         raise InvalidInputError(
             "--graph builder writes the int8/int4 grids that `asvd quantize` recorded (asvd_nbits.safetensors): "
             "quantize the folder first and export with --weights int4|int8")
-    if any(isinstance(m, (LowRankLinear, LatentKVAttention)) for m in model.modules()):
-        raise InvalidInputError("--graph builder has no form for low-rank projections or a latent KV cache: "
-                                "export this model with the default graph")
-    bits = {q.bits for q in grids.values()}
+    if any(isinstance(m, LatentKVAttention) for m in model.modules()):
+        raise InvalidInputError("--graph builder has no form for a latent KV cache (the builder's attention reads a "
+                                "dense cache): export this model with the default graph")
+    bits = {q.bits for q in (grids or {}).values()}
     if weights == "int8" and bits != {8} or weights == "int4" and 4 not in bits:
         raise InvalidInputError(f"the folder's recorded grids are {sorted(bits)}-bit; --weights {weights} does not describe them")
 
 
-def _export_builder_graph(model, folder: Path, out_dir: Path, weights: str, grids: dict, progress: bool,
+def _export_builder_graph(model, folder: Path, out_dir: Path, weights: str, grids: dict | None, progress: bool,
                           overwrite: bool, inputs) -> ExportMetadata:
-    """The builder's graph with our grids (:mod:`exporters.builder_graph`; its tokenizer files come with it)."""
+    """The builder's graph with our weights (:mod:`exporters.builder_graph`; its tokenizer files come with it)."""
     from asvd_passes.serialization import atomic_directory
 
     from .builder_graph import builder_graph
@@ -468,8 +471,9 @@ def _export_builder_graph(model, folder: Path, out_dir: Path, weights: str, grid
 
     with atomic_directory(out_dir, overwrite, METADATA_FILE, inputs) as staging:
         staging = Path(staging)
-        _progress(progress, "building onnxruntime-genai's decoder graph and writing the recorded grids into it")
-        quantized, proto = builder_graph(folder, staging, model, grids, CPU_ACCURACY_LEVEL, progress)
+        _progress(progress, "building onnxruntime-genai's decoder graph and writing our weights into it")
+        quantized, proto = builder_graph(folder, staging, model, grids if weights in ("int8", "int4") else None,
+                                         CPU_ACCURACY_LEVEL, progress)
         names = [i.name for i in proto.graph.input]
         outputs = [o.name for o in proto.graph.output]
         config = model.config
@@ -485,8 +489,11 @@ def _export_builder_graph(model, folder: Path, out_dir: Path, weights: str, grid
         names = ["input_ids", "attention_mask"] + [e.input for e in cache]
         outputs = ["logits"] + [e.output for e in cache]
         eos = config.eos_token_id
+        quant = getattr(config, "quantization_config", None)
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
         metadata = ExportMetadata(
             kind="dense", num_layers=config.num_hidden_layers, vocab_size=config.vocab_size, dtype="fp32",
+            weight_ranks=quant.get("ranks", {}),
             opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             inputs=names, outputs=outputs, cache=cache, rope=None, bos_token_id=config.bos_token_id,
             eos_token_id=[eos] if isinstance(eos, int) else eos, pad_token_id=config.pad_token_id, layout="genai",
