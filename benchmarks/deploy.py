@@ -18,6 +18,8 @@ Rows (groups for ``--only``):
   weights with an int8 per-tensor / int4 per-channel KV cache whose static scales the builder's own
   calibration tool (``onnxruntime_genai.models.quantization.kv_cache_calibration``, its defaults) computes on
   the builder's fp32 model over the validation split;
+- ``graphs``: the fp32 exports of the dense model and ASVD 0.9 / 0.8 in both graphs: ours (torch.onnx) and the
+  builder's (``--graph builder``: its fused attention and norms, each low-rank projection as two MatMuls);
 - ``layouts``: a second table comparing the latent-cache layouts for genai against our own layout. (The
   committed table's equal-width KV plan row, committed in b67f503, came from an option since removed.)
 
@@ -73,7 +75,8 @@ QUANTIZED_MODELS = {  # (model, weights) label → asvd quantize options: (block
     ("dense GPTQ, budget 82.5 MiB", "mixed"): (False, 82.5),
     ("dense GPTQ, budget 70.1 MiB", "mixed"): (False, 70.1),
 }
-GROUPS = ("dense", "asvd", "kv", "quantized", "builder", "layouts")
+GRAPH_MODELS = ("dense", "ASVD 0.9", "ASVD 0.8")  # the graphs group: fp32 in our graph and in the builder's
+GROUPS = ("dense", "asvd", "kv", "quantized", "builder", "graphs", "layouts")
 
 
 def group_of(label: str) -> str:
@@ -123,6 +126,24 @@ def build_exports(workdir: Path, args) -> dict[tuple[str, str], Path]:
                             overwrite=True)
                 log(f"exported {label} {weights} in {time.perf_counter() - tick:.0f} s")
             exports[(label, weights if "/" in weights or weights == "fp32" else f"{weights}/{args.block_size}")] = folder
+    return exports
+
+
+def build_graphs(workdir: Path, args) -> dict[tuple[str, str], Path]:
+    """fp32 exports of the dense model and the weight-only ASVD models in our graph and the builder's."""
+    from asvd_passes.models import local_model_folder
+    from exporters import export_onnx
+
+    exports = {}
+    for label in GRAPH_MODELS:
+        source = str(local_model_folder(args.model)) if label == "dense" else str(compress(label, workdir, args.model))
+        for graph, suffix in (("asvd", ""), ("builder", "-builder-graph")):
+            folder = workdir / "onnx" / f"{slug(label)}-fp32{suffix}"
+            if not (folder / "model.onnx").is_file():
+                tick = time.perf_counter()
+                export_onnx(source, folder, layout="genai", weights="fp32", overwrite=True, graph=graph)
+                log(f"exported {label} fp32 in the {graph} graph in {time.perf_counter() - tick:.0f} s")
+            exports[(label + (", builder graph" if suffix else ""), "fp32")] = folder
     return exports
 
 
@@ -427,6 +448,8 @@ def main() -> int:
     exports = build_exports(workdir, args)
     if "quantized" in args.only:
         exports.update(build_quantized(workdir, args))
+    if "graphs" in args.only:
+        exports.update(build_graphs(workdir, args))
     if "builder" in args.only:
         exports.update(build_builder_models(workdir, args))
     rows = measure(exports, args) if exports else []
