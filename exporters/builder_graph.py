@@ -26,6 +26,7 @@ our export.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,8 @@ BUILDER_MODULE = "onnxruntime_genai.models.builder"
 
 
 def run_builder(folder: Path, out: Path, progress: bool) -> None:
-    """``python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p fp32 -e cpu`` in its own process."""
+    """``python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p fp32 -e cpu`` in its own process; a graph
+    with window-sized caches (sliding-window layers, which our runner feeds no buffer for) is refused."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError as err:
@@ -49,8 +51,14 @@ def run_builder(folder: Path, out: Path, progress: bool) -> None:
                "-c", str(out.parent / "builder-cache")]
     result = subprocess.run(command, capture_output=not progress, text=True)
     if result.returncode != 0 or not (out / "model.onnx").is_file():
-        tail = (result.stderr or "").strip().splitlines()[-3:] if not progress else ["(its output is above)"]
-        raise InvalidInputError(f"onnxruntime-genai's model builder could not build {folder}: " + " | ".join(tail))
+        last = ((result.stderr or "").strip().splitlines() or ["(no message)"])[-1] if not progress else "(its output is above)"
+        raise InvalidInputError(f"onnxruntime-genai's model builder could not build {folder}: {last}; "
+                                "export without --graph builder")
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    if decoder.get("sliding_window"):
+        raise InvalidInputError(
+            "the builder's graph of this model keeps window-sized caches for its sliding-window layers, which "
+            "our ONNX Runtime runner does not feed: export without --graph builder")
 
 
 def split_packed_matmuls(model, matrices: dict, needed: set) -> int:
