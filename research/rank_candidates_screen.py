@@ -17,6 +17,7 @@ measured in PyTorch (the model holds the dequantized grid values) on the usual p
 
     python research/rank_candidates_screen.py              # writes research/results/rank_candidates_screen.md
     python research/rank_candidates_screen.py --measure    # writes research/results/rank_candidates_measured.md
+    python research/rank_candidates_screen.py --measure --covariance   # ..._measured_covariance.md (70.1 MiB)
 """
 
 from __future__ import annotations
@@ -65,20 +66,60 @@ def main() -> int:
         r, grid = choice.rank(shape), plan.GridChoice(choice.bits, choice.block_size)
         return grid_bytes((r, k), grid) + grid_bytes((n, r), grid)
 
+    # --covariance: every candidate (grids too) priced with each input's whole covariance Σ = E[x·xᵀ],
+    # ½ Σ_c F_c ΔW_c Σ ΔW_cᵀ, and the factors from the SVD of diag(√F)·W·L (Σ = L·Lᵀ): the optimal rank-r matrix
+    # under that cost (SVD-LLM's whitening with the plan's output weights).
+    covariance = "--covariance" in sys.argv
+    grams = {}  # id(weight) → [Σ x·xᵀ, tokens]
+    input_power = plan._input_power
+
+    def power_and_grams(model, linears):
+        sums, counts, handles = input_power(model, linears)
+        for module in linears.values() if covariance else ():
+            grams[id(module.weight)] = [torch.zeros(module.in_features, module.in_features, dtype=torch.float64), 0]
+
+            def record(module, args, key=id(module.weight)):
+                flat = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                grams[key][0] += flat.T @ flat
+                grams[key][1] += flat.shape[0]
+            handles.append(module.register_forward_pre_hook(record))
+        return sums, counts, handles
+
+    plan._input_power = power_and_grams
+
+    def sigma_of(weight):
+        total, tokens = grams[id(weight)]
+        sigma = total / max(tokens, 1)
+        return sigma + 1e-6 * sigma.diagonal().mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype)
+
+    def cost_of(delta, weight, fisher, input_power):
+        if covariance:
+            return 0.5 * float(fisher.double().cpu() @ ((delta @ sigma_of(weight)) * delta).sum(1))
+        return 0.5 * float(fisher.double().cpu() @ (delta.pow(2) @ input_power.double().cpu()))
+
     def rank_cost(weight, fisher, input_power, choice):
-        if not isinstance(choice, RankChoice):
-            return rounding_cost(weight, fisher, input_power, choice)
         w = weight.detach().double().cpu()
+        if not isinstance(choice, RankChoice):
+            if not covariance:
+                return rounding_cost(weight, fisher, input_power, choice)
+            delta = quantize_rtn(weight, choice.bits, choice.block_size, choice.offsets).dequantize().double() - w
+            return cost_of(delta, weight, fisher, input_power)
         if id(weight) not in factors:
-            left, right = fisher.double().cpu().clamp(min=1e-30).sqrt(), input_power.double().cpu().clamp(min=1e-30).sqrt()
-            u, s, vt = torch.linalg.svd(left[:, None] * w * right[None, :], full_matrices=False)
-            factors[id(weight)] = ((u * s.sqrt()) / left[:, None], (s.sqrt()[:, None] * vt) / right[None, :])
+            left = fisher.double().cpu().clamp(min=1e-30).sqrt()
+            if covariance:
+                lower = torch.linalg.cholesky(sigma_of(weight))
+                u, s, vt = torch.linalg.svd(left[:, None] * w @ lower, full_matrices=False)
+                down = torch.linalg.solve_triangular(lower, s.sqrt()[:, None] * vt, upper=False, left=False)  # ·L⁻¹
+                factors[id(weight)] = ((u * s.sqrt()) / left[:, None], down)
+            else:
+                right = input_power.double().cpu().clamp(min=1e-30).sqrt()
+                u, s, vt = torch.linalg.svd(left[:, None] * w * right[None, :], full_matrices=False)
+                factors[id(weight)] = ((u * s.sqrt()) / left[:, None], (s.sqrt()[:, None] * vt) / right[None, :])
         up, down = factors[id(weight)]
         r = choice.rank(tuple(w.shape))
         up_q = quantize_rtn(up[:, :r].float(), choice.bits, choice.block_size, False).dequantize().double()
         down_q = quantize_rtn(down[:r].float(), choice.bits, choice.block_size, False).dequantize().double()
-        delta = up_q @ down_q - w
-        return 0.5 * float(fisher.double().cpu() @ (delta.pow(2) @ input_power.double().cpu()))
+        return cost_of(up_q @ down_q - w, weight, fisher, input_power)
 
     with_ranks = {"on": False}
 
@@ -131,10 +172,10 @@ def main() -> int:
         from asvd_passes.quantization.calibrate import quantize_model
 
         calibration = random_windows(valid, 16, 512, 0, "calibration")
-        for budget in MEASURED_MIB:
+        for budget in MEASURED_MIB[:1] if covariance else MEASURED_MIB:
             for on in (False, True):
                 model, tokenizer = load_model_and_tokenizer(None)
-                factors.clear()
+                factors.clear(), grams.clear()
                 with_ranks["on"] = on
                 chosen, _ = plan.budget_plan(model, windows, budget, head, progress=False)
                 grids = {}
@@ -173,7 +214,10 @@ def main() -> int:
                   "wiki.test.raw, seqlen 512, 30 windows; weight MiB: the grids' bytes as exported plus norms "
                   "and the embedding, without block-sum matrices and the graph):", "",
                   "| budget MiB | rank-r candidates | matrices rank-r | perplexity | weight MiB |", "|---|---|---|---|---|"]
-        out = ROOT / "research" / "results" / "rank_candidates_measured.md"
+        out = ROOT / "research" / "results" / f"rank_candidates_measured{'_covariance' if covariance else ''}.md"
+        if covariance:
+            lines[0] = lines[0].replace("Built and measured", "Every candidate priced with each input's whole covariance "
+                                        "(`--covariance`); built and measured")
         out.write_text("\n".join(lines + [f"| {m['budget']} | {'yes' if m['ranks'] else 'no'} | {m['ranked']} | "
                                            f"{m['ppl']:.2f} | {m['weight_mib']:.2f} |" for m in measured]) + "\n")
         print(out.read_text())
