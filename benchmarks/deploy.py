@@ -109,22 +109,28 @@ def compress(label: str, workdir: Path, model: str | None = None) -> Path:
     return folder
 
 
-def build_exports(workdir: Path, args) -> dict[tuple[str, str], Path]:
+def export_once(source, folder: Path, what: str, **options) -> Path:
+    """``export_onnx(source, folder, **options)`` unless an earlier run left ``folder/model.onnx``."""
     from exporters import export_onnx
 
+    if not (folder / "model.onnx").is_file():
+        tick = time.perf_counter()
+        export_onnx(source, folder, overwrite=True, **options)
+        log(f"exported {what} in {time.perf_counter() - tick:.0f} s")
+    return folder
+
+
+def build_exports(workdir: Path, args) -> dict[tuple[str, str], Path]:
     exports = {}
     for label in MODELS:
         if group_of(label) not in args.only:
             continue
         source = args.model if label == "dense" else compress(label, workdir, args.model)
         for weights in (WEIGHTS_WITH_KV if MODELS[label][1] else WEIGHTS):
-            folder = workdir / "onnx" / f"{slug(label)}-{weights.replace('/', '-b')}"
-            if not (folder / "model.onnx").is_file():
-                tick = time.perf_counter()
-                kind, _, block = weights.partition("/")
-                export_onnx(source, folder, layout="genai", weights=kind, block_size=int(block or args.block_size),
-                            overwrite=True)
-                log(f"exported {label} {weights} in {time.perf_counter() - tick:.0f} s")
+            kind, _, block = weights.partition("/")
+            folder = export_once(source, workdir / "onnx" / f"{slug(label)}-{weights.replace('/', '-b')}",
+                                 f"{label} {weights}", layout="genai", weights=kind,
+                                 block_size=int(block or args.block_size))
             exports[(label, weights if "/" in weights or weights == "fp32" else f"{weights}/{args.block_size}")] = folder
     return exports
 
@@ -132,18 +138,14 @@ def build_exports(workdir: Path, args) -> dict[tuple[str, str], Path]:
 def build_graphs(workdir: Path, args) -> dict[tuple[str, str], Path]:
     """fp32 exports of the dense model and the weight-only ASVD models in our graph and the builder's."""
     from asvd_passes.models import local_model_folder
-    from exporters import export_onnx
 
     exports = {}
     for label in GRAPH_MODELS:
         source = str(local_model_folder(args.model)) if label == "dense" else str(compress(label, workdir, args.model))
         for graph, suffix in (("asvd", ""), ("builder", "-builder-graph")):
-            folder = workdir / "onnx" / f"{slug(label)}-fp32{suffix}"
-            if not (folder / "model.onnx").is_file():
-                tick = time.perf_counter()
-                export_onnx(source, folder, layout="genai", weights="fp32", overwrite=True, graph=graph)
-                log(f"exported {label} fp32 in the {graph} graph in {time.perf_counter() - tick:.0f} s")
-            exports[(label + (", builder graph" if suffix else ""), "fp32")] = folder
+            exports[(label + (", builder graph" if suffix else ""), "fp32")] = export_once(
+                source, workdir / "onnx" / f"{slug(label)}-fp32{suffix}", f"{label} fp32 in the {graph} graph",
+                layout="genai", weights="fp32", graph=graph)
     return exports
 
 
@@ -164,12 +166,9 @@ def build_quantized(workdir: Path, args) -> dict[tuple[str, str], Path]:
             log(f"quantized and exported {key[0]} in {time.perf_counter() - tick:.0f} s")
         exports[key] = onnx_dir
         # The same grids in onnxruntime-genai's builder's graph (fused attention and norms): --graph builder.
-        builder_dir = onnx_dir.with_name(onnx_dir.name + "-builder-graph")
-        if not (builder_dir / "model.onnx").is_file():
-            tick = time.perf_counter()
-            export_onnx(str(folder), builder_dir, weights="int4", overwrite=True, graph="builder")
-            log(f"exported {key[0]} in the builder's graph in {time.perf_counter() - tick:.0f} s")
-        exports[(f"{key[0]}, builder graph", key[1])] = builder_dir
+        exports[(f"{key[0]}, builder graph", key[1])] = export_once(
+            str(folder), onnx_dir.with_name(onnx_dir.name + "-builder-graph"), f"{key[0]} in the builder's graph",
+            weights="int4", graph="builder")
     return exports
 
 

@@ -393,8 +393,7 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
     inputs = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in entries]
     outputs = ["logits"] + [e.output for e in entries]
 
-    quant = getattr(model.config, "quantization_config", None)
-    quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
+    quant = _quantization_record(model.config)
     eos = model.config.eos_token_id
     metadata = ExportMetadata(
         kind=kind, num_layers=layers, vocab_size=model.config.vocab_size, dtype=dtype, opset=opset,
@@ -438,6 +437,12 @@ def _export(model, tokenizer, out_dir: Path, opset, dtype, fold_value, absorb_ke
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return metadata
+
+
+def _quantization_record(config) -> dict:
+    """The model's ``quantization_config`` as a dict (empty for a model this tool did not compress)."""
+    quant = getattr(config, "quantization_config", None)
+    return quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
 
 
 def _check_builder_graph(model: nn.Module, source, weights: str, grids: dict | None) -> None:
@@ -489,8 +494,7 @@ def _export_builder_graph(model, folder: Path, out_dir: Path, weights: str, grid
         names = ["input_ids", "attention_mask"] + [e.input for e in cache]
         outputs = ["logits"] + [e.output for e in cache]
         eos = config.eos_token_id
-        quant = getattr(config, "quantization_config", None)
-        quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
+        quant = _quantization_record(config)
         metadata = ExportMetadata(
             kind="dense", num_layers=config.num_hidden_layers, vocab_size=config.vocab_size, dtype="fp32",
             weight_ranks=quant.get("ranks", {}),

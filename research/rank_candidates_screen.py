@@ -155,15 +155,7 @@ def main() -> int:
     shapes = plan.planned_shapes(model, head)
     on_hull = 0
     for name, by_choice in costs_seen.items():
-        points = sorted((rank_bytes(shapes[name], c), cost, c) for c, cost in by_choice.items())
-        hull = []
-        for point in points:
-            if hull and point[1] >= hull[-1][1]:
-                continue
-            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0]) >= \
-                    (point[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
-                hull.pop()
-            hull.append(point)
+        hull = plan.lower_convex_hull(sorted((rank_bytes(shapes[name], c), cost, c) for c, cost in by_choice.items()))
         on_hull += any(isinstance(c, RankChoice) for *_, c in hull)
     measured = []
     if "--measure" in sys.argv:

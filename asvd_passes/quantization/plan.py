@@ -126,21 +126,25 @@ def rounding_cost(weight: torch.Tensor, fisher: torch.Tensor, input_power: torch
     return 0.5 * float(fisher.double().cpu() @ (delta.double().pow(2) @ input_power.double().cpu()))
 
 
+def lower_convex_hull(points: list[tuple]) -> list[tuple]:
+    """The lower convex hull of (bytes, cost, ...) points sorted by bytes, cost decreasing along it: the candidates
+    a greedy spender of bytes can step through."""
+    hull = []
+    for point in points:
+        if hull and point[1] >= hull[-1][1]:
+            continue
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0]) >= \
+                (point[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append(point)
+    return hull
+
+
 def greedy_plan(costs: dict[str, dict[GridChoice, float]], shapes: dict[str, tuple[int, int]],
                 budget: int) -> dict[str, GridChoice]:
     """Cheapest candidate everywhere, then the upgrade with the most predicted loss saved per byte, while it fits."""
-    hulls = {}
-    for name, by_choice in costs.items():
-        points = sorted((grid_bytes(shapes[name], c), cost, c) for c, cost in by_choice.items())
-        hull = []
-        for point in points:  # lower convex hull of (bytes, cost), cost decreasing
-            if hull and point[1] >= hull[-1][1]:
-                continue
-            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0]) >= \
-                    (point[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
-                hull.pop()
-            hull.append(point)
-        hulls[name] = hull
+    hulls = {name: lower_convex_hull(sorted((grid_bytes(shapes[name], c), cost, c) for c, cost in by_choice.items()))
+             for name, by_choice in costs.items()}
     position = {name: 0 for name in hulls}
     spent = sum(hull[0][0] for hull in hulls.values())
     if spent > budget:
